@@ -1,0 +1,113 @@
+"""`lmjax bench`: steady-state speed of the real train step on the real input pipeline.
+
+Compiles the same jitted step `lmjax train` runs (ahead of time, so compile time is measured
+on its own), runs `warmup` untimed steps, then times `steps` steps one by one (each blocked until
+done). Reports median step time and spread, tokens/s, model TFLOP/s (FLOPs from lmjax.flops),
+MFU against the device peak (published table, or the measured CPU matmul peak: the source is
+reported), peak memory (device stats where the backend has them, else host RSS), compile time
+and time to first step.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+import lmjax
+from lmjax import flops, sharding
+from lmjax.config import Config, to_dict
+from lmjax.data import build_data
+from lmjax.models import build_model
+from lmjax.train.step import StateFactory, make_train_step
+
+
+def _peak_memory() -> tuple[int, str]:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "host max RSS"
+
+
+def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, out: str | None = None) -> dict[str, Any]:
+    process_start = time.perf_counter()
+    mesh = sharding.make_mesh(cfg)
+    data = build_data(cfg)
+    model = build_model(cfg.model)
+    rules = sharding.axis_rules(cfg)
+    factory = StateFactory(cfg, model, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    train_iter = data.train_iterator(jax.process_index(), jax.process_count())
+    batches = [sharding.host_batch_to_global(next(train_iter), batch_sharding) for _ in range(min(4, steps + warmup))]
+
+    with sharding.activate(mesh, rules):
+        state = factory.create(cfg.seed)
+        step_fn = make_train_step(cfg, model, factory, batch_sharding)
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batches[0]).compile()
+        compile_time = time.perf_counter() - t0
+        state, metrics = compiled(state, batches[0])
+        jax.block_until_ready(metrics)
+        time_to_first_step = time.perf_counter() - process_start
+        for i in range(warmup):
+            state, metrics = compiled(state, batches[(i + 1) % len(batches)])
+        jax.block_until_ready(metrics)
+        times = []
+        for i in range(steps):
+            t = time.perf_counter()
+            state, metrics = compiled(state, batches[i % len(batches)])
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t)
+
+    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    step_time = statistics.median(times)
+    flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
+    peak, peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype)
+    tokens_per_sec = tokens_per_step / step_time
+    memory, memory_source = _peak_memory()
+    counts = flops.param_counts(cfg.model)
+    result = {
+        "tokens_per_sec": tokens_per_sec,
+        "mfu": tokens_per_sec * flops_per_token / (peak * jax.device_count()),
+        "step_time_s": step_time,
+        "step_time_p10_s": float(np.percentile(times, 10)),
+        "step_time_p90_s": float(np.percentile(times, 90)),
+        "tflops_per_sec": tokens_per_sec * flops_per_token / 1e12,
+        "compile_time_s": compile_time,
+        "time_to_first_step_s": time_to_first_step,
+        "peak_memory_bytes": memory,
+        "peak_memory_source": memory_source,
+        "peak_flops_per_device": peak,
+        "peak_flops_source": peak_source,
+        "flops_per_token": flops_per_token,
+        "params_total": counts["total"],
+        "params_non_embedding": counts["non_embedding"],
+        "tokens_per_step": tokens_per_step,
+        "timed_steps": steps,
+        "final_loss": float(metrics["loss"]),
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "mesh": dict(mesh.shape),
+        "jax_version": jax.__version__,
+        "lmjax_version": lmjax.__version__,
+        "config": to_dict(cfg),
+    }
+    print(
+        f"{result['device']} | step {step_time * 1e3:.1f} ms (p10 {result['step_time_p10_s'] * 1e3:.1f}, "
+        f"p90 {result['step_time_p90_s'] * 1e3:.1f}) | {tokens_per_sec:,.0f} tokens/s | "
+        f"{result['tflops_per_sec']:.3f} TFLOP/s | MFU {result['mfu']:.1%} of {peak / 1e12:.2f} TFLOP/s ({peak_source}) | "
+        f"compile {compile_time:.1f}s | first step after {time_to_first_step:.1f}s | "
+        f"peak memory {memory / 2**20:,.0f} MiB ({memory_source})"
+    )
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,183 @@
+"""`lmjax train | eval | generate | bench | tokenizer | fit`: parse, then call. No logic lives here.
+
+CONFIG is a YAML file or a run directory (its config.yaml); overrides are `key.path=value`.
+A user error (config, data, checkpoint, arguments) prints one line `error: ...` and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lmjax.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _config_path(arg: str) -> Path:
+    path = Path(arg)
+    if path.is_dir():
+        if not (path / "config.yaml").exists():
+            raise UserError(f"{path} is a directory without config.yaml; expected a YAML config or a run directory")
+        return path / "config.yaml"
+    return path
+
+
+def _load(args) -> "Config":  # noqa: F821
+    from lmjax.config import load_config
+
+    return load_config(_config_path(args.config), args.overrides)
+
+
+def _enable_compilation_cache() -> None:
+    """Persistent XLA cache: a restarted or repeated run skips recompilation."""
+    import jax
+
+    cache = os.environ.get("LMJAX_COMPILATION_CACHE", str(Path("~/.cache/lmjax/jax_cache").expanduser()))
+    if cache.lower() in ("", "0", "off"):
+        return
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def cmd_train(args) -> int:
+    from lmjax.train.loop import train
+
+    train(_load(args))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lmjax.evaluate import evaluate_run
+
+    evaluate_run(Path(args.run_dir), args.overrides, batches=args.batches)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from lmjax.generate import generate_from_run
+
+    texts = generate_from_run(
+        Path(args.run_dir),
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        num_samples=args.num_samples,
+    )
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i}")
+        print(text)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from lmjax.bench import run_bench
+
+    run_bench(_load(args), steps=args.steps, warmup=args.warmup, out=args.out)
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from lmjax.data.tokenizer import tokenizer_train_command
+
+    tokenizer_train_command(_load(args))
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from lmjax.scaling.fit import run_fit
+
+    sources = args.source if len(args.source) > 1 else args.source[0]
+    run_fit(sources, out_dir=args.out, param_convention=args.param_convention, bootstrap=args.bootstrap)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmjax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_command(name: str, help: str):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("config", help="YAML config file, or a run directory")
+        p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+        return p
+
+    config_command("train", "train (or resume) a run").set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's latest checkpoint on its validation split")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides (e.g. data.paths=...)")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: train.eval_batches)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample from a run's latest checkpoint (KV cache)")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = config_command("bench", "time steady-state training steps: tokens/s, TFLOP/s, MFU, memory")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok = p.add_subparsers(dest="action", required=True)
+    t = tok.add_parser("train", help="train (or find cached) the sentencepiece model of a config's corpus")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*")
+    t.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("fit", help="fit scaling laws (Chinchilla approaches 2 and 3) to finished runs")
+    p.add_argument("source", nargs="+", help="sweep directory, run directories, or a CSV with params,tokens,loss")
+    p.add_argument("--out", default=None, help="output folder (default: beside the source)")
+    p.add_argument("--param-convention", default="total", choices=["total", "non_embedding", "non_embedding_with_head"])
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for confidence intervals")
+    p.set_defaults(func=cmd_fit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come before or after --flags: argparse leaves the later ones as extras.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    try:
+        _enable_compilation_cache()
+        from lmjax import distributed
+
+        distributed.initialize()
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:
+        from lmjax.errors import NonFiniteLossError
+        from lmjax.train.loop import TrainingInterrupted
+
+        if isinstance(e, TrainingInterrupted):
+            print(str(e), file=sys.stderr)
+            return 128 + e.signum
+        if isinstance(e, NonFiniteLossError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""Typed configuration tree: YAML + `a.b.c=value` overrides + validation.
+
+One frozen dataclass per component, defaults and allowed values next to each field. A run is a
+function of its `Config`; the resolved tree is written to `run_dir/config.yaml`, so
+`lmjax train run_dir/config.yaml` reproduces it.
+
+Every error raised here is a `ConfigError` whose message names the key at fault and what was
+expected; the CLI prints it on one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmjax.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration problem, reported to the user as one line."""
+
+
+def _choices(*values: str, default: str) -> Any:
+    return field(default=default, metadata={"choices": values})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # `family` selects the model class (the Levanter-style `type:` key); more families arrive
+    # with the MoE / encoder / T5 issues.
+    family: str = _choices("dense", default="dense")
+    # llama: RMSNorm, RoPE, SwiGLU, no biases. gpt2: LayerNorm, learned positions, GELU MLP.
+    style: str = _choices("llama", "gpt2", default="llama")
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: = n_heads (plain multi-head attention)
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 1024
+    max_seq_len: int = 2048  # size of the learned position table (gpt2 style)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    dtype: str = _choices("float32", "bfloat16", default="float32")  # compute dtype
+    param_dtype: str = _choices("float32", "bfloat16", default="float32")
+    # Activation checkpointing of each block: none, full (save only block inputs), or dots
+    # (save matmul outputs, recompute elementwise ops).
+    remat: str = _choices("none", "full", "dots", default="none")
+    scan_layers: bool = True  # stack layers with nn.scan: compile time independent of depth
+    # Attention kernel for jax.nn.dot_product_attention: xla everywhere, cudnn (flash) on GPU.
+    attention: str = _choices("xla", "cudnn", default="xla")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def mlp_matrices(self) -> int:
+        return 3 if self.style == "llama" else 2
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    # An existing sentencepiece .model file; when None, one is trained on the training corpus
+    # (vocab = model.vocab_size) and cached by corpus fingerprint and settings.
+    path: str | None = None
+    model_type: str = _choices("bpe", "unigram", default="bpe")
+    # Reserved for later objectives (MLM mask, T5 sentinels, chat turns); ids follow pad/unk/bos/eos.
+    special_tokens: tuple[str, ...] = ("<mask>", "<sep>", "<cls>")
+    # Training the tokenizer reads at most this many characters of the corpus.
+    train_chars: int = 20_000_000
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Text (.txt, .md, .py, ...) or JSONL files, paths or globs. Empty: the built-in corpus (the
+    # Python standard library's own sources).
+    paths: tuple[str, ...] = ()
+    text_key: str = "text"  # field of each JSONL record holding the document
+    seq_len: int = 128
+    global_batch_size: int = 16  # sequences per optimizer step, over all hosts and micro-batches
+    val_fraction: float = 0.02  # documents put in validation, chosen by a stable content hash
+    max_documents: int | None = None  # cap on documents read (quick runs); None = all
+    cache_dir: str = "~/.cache/lmjax"  # tokenizers and tokenized corpora, keyed by content
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # By default no decay on norms, biases and embeddings (decay applies to matmul weights).
+    decay_embeddings: bool = False
+    schedule: str = _choices("cosine", "wsd", "constant", default="cosine")
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # final lr / peak lr for cosine and wsd
+    decay_fraction: float = 0.2  # wsd: fraction of steps in the final decay
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    log_every: int = 10
+    eval_every: int = 100  # 0: evaluate only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    microbatches: int = 1  # gradient accumulation: global batch split in this many parts
+    z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2) (PaLM); 0 disables
+    objective: str = _choices("causal_lm", default="causal_lm")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    # Mesh axis sizes; -1 on one axis fills it with the remaining devices.
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    # Logical axis -> mesh axes. A logical axis is sharded over the first of its mesh axes not
+    # already used by another dimension of the same array (flax's rule resolution).
+    rules: tuple[tuple[str, Any], ...] = (
+        ("batch", ("data", "fsdp", "expert")),
+        ("length", None),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("expert", "expert"),
+        ("layers", None),
+    )
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    # auto: log to wandb offline (no account needed) unless WANDB_MODE/WANDB_API_KEY say online.
+    wandb: str = _choices("auto", "offline", "online", "off", default="auto")
+    wandb_project: str = "lmjax"
+    progress: bool = True  # console progress bar
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`; returns it converted (list -> tuple, int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"{key}: got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, str) and tp == tuple[str, ...]:
+                return (value,)  # a single path given on the command line
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {list(value)!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is Any:
+        # Frozen config: nested lists become tuples (hashable, and equal after a YAML round trip).
+        return tuple(_coerce(v, Any, key) for v in value) if isinstance(value, list) else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+            return int(value)  # 1e6 written in YAML
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 3e-4 (no dot) as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
+            return "on" if value else "off"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def build(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a nested dict, checking keys, types and choices."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; expected one of: {', '.join(fields)}"
+        raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name, value in data.items():
+        tp, key = hints[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            kwargs[name] = build(tp, value, prefix=f"{key}.")
+            continue
+        value = _coerce(value, tp, key)
+        choices = fields[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.steps=200` -> ("train.steps", 200); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"config file {path}: invalid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (optional) + overrides -> validated Config (device-independent checks)."""
+    tree = load_yaml(path) if path is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    cfg = build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    def convert(x: Any) -> Any:
+        if isinstance(x, tuple):
+            return [convert(v) for v in x]
+        if isinstance(x, dict):
+            return {k: convert(v) for k, v in x.items()}
+        return x
+
+    return convert(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """`replace(cfg, **{"train.steps": 10})`: a copy with dotted keys changed."""
+    tree = to_dict(cfg)
+    for key, value in changes.items():
+        _set_path(tree, key, value)
+    return build(type(cfg), tree)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no devices. `resolve_mesh_shape` does the device-dependent ones."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+        _positive(getattr(m, key), f"model.{key}")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads ({m.n_heads}) must divide model.d_model ({m.d_model})")
+    if m.n_kv_heads is not None:
+        _positive(m.n_kv_heads, "model.n_kv_heads")
+        if m.n_heads % m.n_kv_heads:
+            raise ConfigError(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads})")
+    if m.head_dim is not None:
+        _positive(m.head_dim, "model.head_dim")
+    if m.style == "llama" and m.head_size % 2:
+        raise ConfigError(f"model.head_dim ({m.head_size}) must be even for RoPE")
+    for key in ("seq_len", "global_batch_size"):
+        _positive(getattr(d, key), f"data.{key}")
+    if m.style == "gpt2" and d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if d.max_documents is not None:
+        _positive(d.max_documents, "data.max_documents")
+    _positive(o.lr, "optim.lr")
+    _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)
+    _positive(o.warmup_steps, "optim.warmup_steps", allow_zero=True)
+    _positive(o.grad_clip, "optim.grad_clip", allow_zero=True)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
+    _positive(t.steps, "train.steps")
+    for key in ("log_every", "checkpoint_every", "eval_batches", "microbatches", "keep_checkpoints"):
+        _positive(getattr(t, key), f"train.{key}")
+    _positive(t.eval_every, "train.eval_every", allow_zero=True)
+    _positive(t.z_loss, "train.z_loss", allow_zero=True)
+    if d.global_batch_size % t.microbatches:
+        raise ConfigError(
+            f"data.global_batch_size ({d.global_batch_size}) must be divisible by train.microbatches ({t.microbatches})"
+        )
+    sizes = {k: getattr(cfg.mesh, k) for k in MESH_AXES}
+    fills = [k for k, v in sizes.items() if v == -1]
+    if len(fills) > 1:
+        raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + k for k in fills)}")
+    for k, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{k} must be a positive size or -1, got {v}")
+    for rule in cfg.mesh.rules:
+        if len(rule) != 2:
+            raise ConfigError(f"mesh.rules: each rule is [logical_axis, mesh_axes], got {list(rule)}")
+        targets = rule[1] if isinstance(rule[1], (list, tuple)) else [rule[1]]
+        for axis in targets:
+            if axis is not None and axis not in MESH_AXES:
+                raise ConfigError(f"mesh.rules: '{rule[0]}' maps to unknown mesh axis '{axis}'; expected one of {', '.join(MESH_AXES)}")
+
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+def resolve_mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:
+    """Mesh axis sizes for `n_devices`, with -1 filled in; checks the batch divides evenly."""
+    sizes = {k: getattr(cfg.mesh, k) for k in MESH_AXES}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    for k, v in sizes.items():
+        if v == -1:
+            if n_devices % fixed:
+                raise ConfigError(
+                    f"mesh: cannot fill mesh.{k}: the other axes ({fixed} devices) do not divide the {n_devices} devices"
+                )
+            sizes[k] = n_devices // fixed
+    product = math.prod(sizes.values())
+    if product != n_devices:
+        shape = " x ".join(f"{k}={v}" for k, v in sizes.items())
+        raise ConfigError(f"mesh: {shape} = {product} devices, but {n_devices} are available; set one axis to -1 to fill")
+    batch_parallel = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    micro = cfg.data.global_batch_size // cfg.train.microbatches
+    if micro % batch_parallel:
+        raise ConfigError(
+            f"data.global_batch_size ({cfg.data.global_batch_size}) / train.microbatches ({cfg.train.microbatches}) = {micro} "
+            f"must be divisible by the data-parallel size data*fsdp*expert = {batch_parallel}"
+        )
+    return sizes

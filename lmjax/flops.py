@@ -1,0 +1,314 @@
+"""Parameter counts, FLOPs per token (Chinchilla appendix F) and model FLOP utilisation.
+
+One source for every number a run or a scaling plot claims: the trainer logs `flops_per_token`
+and `mfu`, the sweep planner sizes budgets with it, and reports print `flops_breakdown`.
+
+FLOP conventions (Hoffmann et al. 2022, appendix F), generalised to the models lmjax builds:
+- Every matmul of an (m x n) by (n x p) counts 2*m*n*p; norms, biases, activations, RoPE and the
+  position-table add are not counted (they are O(seq * d), negligible beside the matmuls).
+- The token embedding is counted as a matmul with a one-hot input (2 * seq * V * d), as the paper
+  does, although lmjax (like every implementation) does a gather that costs no FLOPs.
+- Attention is counted over the full seq x seq score matrix, as in the paper, though a causal mask
+  lets a kernel skip about half of it. With grouped-query attention (GQA) the K and V projections
+  shrink to `n_kv_heads` heads; the score and value products still run for every query head.
+- Training = forward + backward = 3 x forward (Kaplan et al. 2020).
+
+Reproducing Chinchilla Table A4 (ratio of this count to 6ND: 73M 1.03, 305M 1.10, ...): the ratios
+come out only when N is the model size the paper reports (all parameters, Table A9) and the FLOP
+count leaves out the embedding and final-logits terms, although appendix F lists them. With those
+terms in, the ratio is 1.58 at 73M. That N counts one V x d matrix, like `param_counts(cfg)["total"]`
+of a tied-embedding model. `tests/test_flops.py` checks all six rows. lmjax keeps both terms
+(Porian et al. 2024: leaving out the output layer biases small-scale fits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax.config import ModelConfig
+
+
+class FlopsError(ValueError):
+    """A counting or peak-lookup request that cannot be answered, reported as one line."""
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Every parameter the model holds, split the way scaling-law papers need.
+
+    `embedding` is the token table plus learned positions; `output_head` is the unembedding matrix
+    when it is not tied to the token table (it is part of `non_embedding`).
+    """
+    if cfg.family != "dense":
+        raise FlopsError(f"param_counts: model.family '{cfg.family}' is not supported; expected dense")
+    d, ff, q_width, kv_width = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+    attention = d * q_width + 2 * d * kv_width + q_width * d
+    mlp = cfg.mlp_matrices * d * ff
+    if cfg.style == "llama":  # RMSNorm scales only, no biases
+        per_layer = attention + mlp + 2 * d
+        final_norm = d
+        positions = 0
+    elif cfg.style == "gpt2":  # LayerNorm scale + bias; every projection has a bias
+        attention_biases = q_width + 2 * kv_width + d
+        mlp_biases = ff + d
+        per_layer = attention + attention_biases + mlp + mlp_biases + 2 * 2 * d
+        final_norm = 2 * d
+        positions = cfg.max_seq_len * d
+    else:
+        raise FlopsError(f"param_counts: model.style '{cfg.style}' is not supported; expected llama or gpt2")
+    embedding = cfg.vocab_size * d + positions
+    output_head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
+    total = embedding + cfg.n_layers * per_layer + final_norm + output_head
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "output_head": output_head}
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def chinchilla_forward_terms(
+    seq_len: int,
+    d_model: int,
+    n_layers: int,
+    n_heads: int,
+    head_dim: int,
+    d_ff: int,
+    vocab_size: int,
+    n_kv_heads: int | None = None,
+    mlp_matrices: int = 2,
+) -> dict[str, float]:
+    """Forward FLOPs of one sequence, by appendix-F term; layer terms are summed over layers."""
+    sizes = {"seq_len": seq_len, "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
+             "head_dim": head_dim, "d_ff": d_ff, "vocab_size": vocab_size, "mlp_matrices": mlp_matrices}
+    if n_kv_heads is not None:
+        sizes["n_kv_heads"] = n_kv_heads
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise FlopsError(f"chinchilla_forward_terms: {name} must be a positive integer, got {value!r}")
+    kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    seq, d, q_width, kv_width = float(seq_len), float(d_model), float(n_heads * head_dim), float(kv_heads * head_dim)
+    layers = float(n_layers)
+    return {
+        "embedding": 2 * seq * vocab_size * d,
+        "attention_qkv": layers * (2 * seq * d * q_width + 2 * 2 * seq * d * kv_width),
+        "attention_logits": layers * 2 * seq * seq * q_width,
+        "attention_softmax": layers * 3 * n_heads * seq * seq,
+        "attention_values": layers * 2 * seq * seq * q_width,
+        "attention_output": layers * 2 * seq * q_width * d,
+        "mlp": layers * 2 * seq * mlp_matrices * d * d_ff,
+        "logits": 2 * seq * d * vocab_size,
+    }
+
+
+def chinchilla_forward_flops(
+    seq_len: int,
+    d_model: int,
+    n_layers: int,
+    n_heads: int,
+    head_dim: int,
+    d_ff: int,
+    vocab_size: int,
+    n_kv_heads: int | None = None,
+    mlp_matrices: int = 2,
+) -> float:
+    """Forward FLOPs of one sequence: embeddings + layers * (attention + dense) + logits."""
+    terms = chinchilla_forward_terms(
+        seq_len, d_model, n_layers, n_heads, head_dim, d_ff, vocab_size, n_kv_heads=n_kv_heads, mlp_matrices=mlp_matrices
+    )
+    return sum(terms.values())
+
+
+def _model_forward_terms(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    if cfg.family != "dense":
+        raise FlopsError(f"flops: model.family '{cfg.family}' is not supported; expected dense")
+    return chinchilla_forward_terms(
+        seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.head_size, cfg.d_ff, cfg.vocab_size,
+        n_kv_heads=cfg.kv_heads, mlp_matrices=cfg.mlp_matrices,
+    )
+
+
+def flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token (3 x forward / seq_len) by term, plus their `total`."""
+    per_token = {name: 3.0 * flops / seq_len for name, flops in _model_forward_terms(cfg, seq_len).items()}
+    per_token["total"] = sum(per_token.values())
+    return per_token
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token at sequence length `seq_len`, Chinchilla appendix F count."""
+    return 3.0 * sum(_model_forward_terms(cfg, seq_len).values()) / seq_len
+
+
+def six_n_flops_per_token(cfg: ModelConfig, include_embedding: bool = True) -> float:
+    """The 6N approximation (Kaplan et al. 2020); N without embeddings when `include_embedding` is False."""
+    counts = param_counts(cfg)
+    return 6.0 * counts["total" if include_embedding else "non_embedding"]
+
+
+# ----------------------------------------------------------------------------- peak FLOP/s and MFU
+
+# Dense (no structured sparsity) peak FLOP/s per chip. NVIDIA datasheets quote tensor-core numbers
+# "with sparsity"; the dense peak is half of that. float32 on GPU uses the TF32 tensor-core peak,
+# because JAX's default matmul precision runs float32 dots as TF32 on Ampere and later; on TPU it
+# uses the bf16 peak, because the default precision there is one bfloat16 pass (JAX docs, "Matmul
+# precision"). With jax_default_matmul_precision="highest" the true ceiling is far lower (H100 SXM
+# non-tensor FP32: 67 TFLOP/s) and these numbers understate MFU.
+# Sources: NVIDIA H100 datasheet (SXM: BF16 1979 / TF32 989 sparse; PCIe: 1513 / 756; NVL: 1671 / 835),
+# NVIDIA H200 datasheet (SXM as H100 SXM; NVL 1671 / 835), NVIDIA A100 datasheet (BF16 312, TF32 156
+# dense); Google Cloud TPU docs, per-chip bf16 peak: v4 275, v5e 197, v5p 459, v6e (Trillium) 918 TFLOP/s.
+_BF16_AND_TF32_PEAKS = {
+    "H100 SXM": (989.5e12, 494.5e12),
+    "H100 PCIe": (756.5e12, 378e12),
+    "H100 NVL": (835.5e12, 417.5e12),
+    "H200 SXM": (989.5e12, 494.5e12),
+    "H200 NVL": (835.5e12, 417.5e12),
+    "A100": (312e12, 156e12),
+    "TPU v4": (275e12, 275e12),
+    "TPU v5e": (197e12, 197e12),
+    "TPU v5p": (459e12, 459e12),
+    "TPU v6e": (918e12, 918e12),
+}
+PEAK_FLOPS: dict[tuple[str, str], float] = {
+    (chip, dtype): peak
+    for chip, peaks in _BF16_AND_TF32_PEAKS.items()
+    for dtype, peak in zip(("bfloat16", "float32"), peaks)
+}
+
+# jax `device.device_kind` -> chip, first match wins (so variants come before the plain name).
+# Seen in the wild: "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA GH200 480GB"
+# (same GPU compute as H100 SXM), "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "TPU v4",
+# "TPU v5 lite", "TPU v5", "TPU v5p", "TPU v6 lite".
+_DEVICE_KIND_PATTERNS = (
+    (r"h100.*nvl", "H100 NVL"),
+    (r"h100.*pcie", "H100 PCIe"),
+    (r"h100", "H100 SXM"),
+    (r"h200.*nvl", "H200 NVL"),
+    (r"h200", "H200 SXM"),
+    (r"a100", "A100"),
+    (r"tpu\s*v4(?![\s-]*lite)(?!i)\b", "TPU v4"),
+    (r"tpu\s*v5[\s-]*(lite|e)\b", "TPU v5e"),
+    (r"tpu\s*v5p?\b", "TPU v5p"),
+    (r"tpu\s*v6[\s-]*(lite|e)\b", "TPU v6e"),
+)
+
+CPU_PEAK_CACHE = Path("~/.cache/lmjax/cpu_peak.json")  # measured CPU peaks, one entry per machine and dtype
+SUPPORTED_DTYPES = ("float32", "bfloat16")
+
+
+def chip_for_device_kind(device_kind: str) -> str | None:
+    """The `PEAK_FLOPS` chip name for a jax `device.device_kind` string, or None if unknown."""
+    kind = device_kind.lower()
+    for pattern, chip in _DEVICE_KIND_PATTERNS:
+        if re.search(pattern, kind):
+            return chip
+    return None
+
+
+def _dtype_name(dtype: Any) -> str:
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        raise FlopsError(f"peak FLOP/s: unknown dtype {dtype!r}; expected one of {', '.join(SUPPORTED_DTYPES)}") from None
+    if name not in SUPPORTED_DTYPES:
+        raise FlopsError(f"peak FLOP/s: dtype {name} is not supported; expected one of {', '.join(SUPPORTED_DTYPES)}")
+    return name
+
+
+def peak_flops_per_device(device: Any = None, dtype: Any = "float32") -> tuple[float, str]:
+    """(peak dense FLOP/s of one device for matmuls in `dtype`, where the number comes from).
+
+    Accelerators: the `PEAK_FLOPS` table ("table:<chip>"); an accelerator not in the table gives
+    (nan, "unknown:<device kind>") so MFU reads nan instead of a made-up number. CPU: a measured
+    matmul peak ("measured-cpu-matmul"), cached per machine in `CPU_PEAK_CACHE`.
+    """
+    device = jax.local_devices()[0] if device is None else device
+    dtype_name = _dtype_name(dtype)
+    if device.platform == "cpu":
+        return _cached_cpu_peak(device, dtype_name), "measured-cpu-matmul"
+    chip = chip_for_device_kind(device.device_kind)
+    if chip is None:
+        return float("nan"), f"unknown:{device.device_kind}"
+    return PEAK_FLOPS[(chip, dtype_name)], f"table:{chip}"
+
+
+def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOP utilisation: achieved model FLOP/s of one device over its peak."""
+    if peak <= 0:  # nan passes: an unknown peak gives an unknown MFU
+        raise FlopsError(f"mfu: peak FLOP/s must be > 0, got {peak}")
+    return tokens_per_sec_per_device * flops_per_token / peak
+
+
+# ----------------------------------------------------------------------------- CPU peak measurement
+
+
+def measure_cpu_matmul_flops(
+    device: Any, dtype: str, max_size: int = 2048, min_seconds: float = 0.1, repeats: int = 3
+) -> float:
+    """Dense matmul FLOP/s of one CPU device (XLA spreads each matmul over all cores).
+
+    Square matrices grow from 256 by doubling until one matmul takes `min_seconds` or the size
+    reaches `max_size`; the best of `repeats` timed runs counts. Takes ~1-4 s.
+    """
+    matmul = jax.jit(jnp.dot)
+    size = min(256, max_size)
+    while True:
+        # Operands made on the host: a jitted random generator would compile once per size.
+        host = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32).astype(jnp.dtype(dtype))
+        x = jax.device_put(host, device)
+        matmul(x, x).block_until_ready()  # compile and warm up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(x, x).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        if best >= min_seconds or size >= max_size:
+            return 2.0 * size**3 / best
+        size = min(2 * size, max_size)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def _cpu_cache_key(dtype_name: str) -> str:
+    # XLA sizes its thread pool by the CPUs this process may run on, not by the machine's total.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{_cpu_model()} | {cores} cores | jax {jax.__version__} | {dtype_name}"
+
+
+def _cached_cpu_peak(device: Any, dtype_name: str) -> float:
+    path = CPU_PEAK_CACHE.expanduser()
+    key = _cpu_cache_key(dtype_name)
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        entries = {}  # no cache yet, or a corrupt one: measure and rewrite it
+    if not isinstance(entries, dict):
+        entries = {}
+    cached = entries.get(key)
+    if isinstance(cached, dict) and isinstance(cached.get("flops_per_sec"), (int, float)) and cached["flops_per_sec"] > 0:
+        return float(cached["flops_per_sec"])
+    peak = measure_cpu_matmul_flops(device, dtype_name)
+    entries[key] = {"flops_per_sec": peak, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic replace: parallel runs never see half a file
+    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return peak

@@ -1,0 +1,407 @@
+"""Chinchilla scaling-law fits (Hoffmann et al. 2022): Approach 2 (IsoFLOP) and Approach 3 (parametric).
+
+Approach 3 fits L(N, D) = E + A / N^alpha + B / D^beta by minimising the SUM over runs of
+Huber_1e-3(LSE(a - alpha log N, b - beta log D, e) - log L) with L-BFGS from every point of the
+paper's 4500-point grid (appendix D.2). The 4500 minimisations are independent but advanced in
+lockstep by one L-BFGS vectorised over starts (`lbfgs_batch`): the grid takes seconds, where a
+loop of scipy.optimize.minimize calls takes 25 s on an idle core (its per-call overhead dominates).
+
+Approach 2 fits a parabola of loss against log N per compute budget; its minimum is N_opt(C).
+D_opt(C) = C / (k N_opt) where k is the runs' own FLOPs per (parameter x token), interpolated in
+log N between the budget's runs (6 when the runs carry no FLOP count), so N_opt D_opt k = C holds
+in the runs' own accounting whatever the parameter convention.
+
+Confidence intervals are 2.5/97.5 percentiles of a bootstrap over runs, deterministic given a seed.
+The JSON written by `FitResult.to_json` is a contract read by other tools; `predict` reads it back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmjax.scaling.runs import FitInputError, RunRecord
+
+HUBER_DELTA = 1e-3
+MIN_RUNS_APPROACH3 = 6  # five free parameters: need more runs than that
+MIN_SIZES_PER_BUDGET = 3  # a parabola through fewer sizes has no meaningful minimum
+MIN_BUDGETS = 2
+BOOTSTRAP_EXTRA_STARTS = 4  # distinct full-data local minima, besides the best, that seed each resample
+
+
+@dataclass(frozen=True)
+class ScalingLaw:
+    """L(N, D) = E + A / N^alpha + B / D^beta and its compute-optimal allocation under C = 6ND."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+
+    @classmethod
+    def from_theta(cls, theta: np.ndarray) -> ScalingLaw:
+        a, b, e, alpha, beta = (float(v) for v in theta)
+        return cls(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
+
+    @property
+    def a(self) -> float:
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def b(self) -> float:
+        return self.alpha / (self.alpha + self.beta)
+
+    @property
+    def G(self) -> float:
+        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+
+    def loss(self, N, D):
+        return self.E + self.A / np.power(N, self.alpha) + self.B / np.power(D, self.beta)
+
+    def compute_optimal(self, C):
+        """(N_opt, D_opt) minimising L at compute C = 6 N D."""
+        return self.G * np.power(np.asarray(C) / 6.0, self.a), np.power(np.asarray(C) / 6.0, self.b) / self.G
+
+    def tokens_per_param(self, C) -> float:
+        n_opt, d_opt = self.compute_optimal(C)
+        return d_opt / n_opt
+
+
+# ----------------------------------------------------------------------------- Approach 3
+
+
+def chinchilla_grid() -> np.ndarray:
+    """The 4500 starts of appendix D.2 as rows (a, b, e, alpha, beta)."""
+    exponents, log_e, log_ab = np.arange(0, 2.01, 0.5), np.arange(-1, 1.01, 0.5), np.arange(0, 25.1, 5)
+    return np.array(list(itertools.product(log_ab, log_ab, log_e, exponents, exponents)))
+
+
+def huber_objective(theta_Kx5: np.ndarray, log_n_KxR: np.ndarray, log_d_KxR: np.ndarray, log_loss_KxR: np.ndarray,
+                    delta: float = HUBER_DELTA) -> tuple[np.ndarray, np.ndarray]:
+    """For K problems at once: sum over R runs of Huber_delta(log predicted L - log L), and its gradient."""
+    a, b, e, alpha, beta = (theta_Kx5[:, i : i + 1] for i in range(5))
+    term_n, term_d = a - alpha * log_n_KxR, b - beta * log_d_KxR
+    shift = np.maximum(np.maximum(term_n, term_d), e)  # log-sum-exp without overflow
+    w_n, w_d, w_e = np.exp(term_n - shift), np.exp(term_d - shift), np.exp(e - shift)
+    total = w_n + w_d + w_e
+    residual = shift + np.log(total) - log_loss_KxR
+    abs_residual = np.abs(residual)
+    value_K = np.where(abs_residual <= delta, 0.5 * residual**2, delta * (abs_residual - 0.5 * delta)).sum(-1)
+    # d Huber / d residual, times the softmax weights (d LSE / d term).
+    slope = np.clip(residual, -delta, delta) / total
+    g_n, g_d = slope * w_n, slope * w_d
+    grad_Kx5 = np.stack([g_n.sum(-1), g_d.sum(-1), (slope * w_e).sum(-1),
+                         -(g_n * log_n_KxR).sum(-1), -(g_d * log_d_KxR).sum(-1)], axis=-1)
+    return value_K, grad_Kx5
+
+
+def _dot(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return np.einsum("kp,kp->k", u, v)
+
+
+def lbfgs_batch(objective, x0: np.ndarray, memory: int = 10, max_iter: int = 500, rel_tol: float = 1e-9,
+                max_halvings: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Independent L-BFGS minimisations of K problems advanced in lockstep, vectorised over K.
+
+    `objective(x, rows)` returns values and gradients of problems `rows` at x. Each problem has its
+    own history (two-loop recursion), backtracking Armijo step and stopping test (relative
+    decrease below rel_tol, or no decrease found); a stopped problem is no longer evaluated.
+    """
+    x = np.array(x0, dtype=np.float64)
+    n_problems, n_dims = x.shape
+    f, g = objective(x, np.arange(n_problems))
+    steps = np.zeros((n_problems, memory, n_dims))
+    changes = np.zeros_like(steps)  # gradient changes
+    inv_curvature = np.zeros((n_problems, memory))  # 1 / (s . y); 0 marks an empty slot
+    scale = 1.0 / np.maximum(np.linalg.norm(g, axis=1), 1e-300)  # initial inverse Hessian s.y / y.y
+    active = np.isfinite(f)
+    for iteration in range(max_iter):
+        rows = np.flatnonzero(active)
+        if rows.size == 0:
+            break
+        grad, s_hist, y_hist, rho = g[rows], steps[rows], changes[rows], inv_curvature[rows]
+        newest_first = [(iteration - 1 - j) % memory for j in range(memory)]
+        q, alphas = grad.copy(), np.zeros((rows.size, memory))
+        for j in newest_first:
+            alphas[:, j] = rho[:, j] * _dot(s_hist[:, j], q)
+            q -= alphas[:, j, None] * y_hist[:, j]
+        direction = scale[rows, None] * q
+        for j in reversed(newest_first):
+            direction += s_hist[:, j] * (alphas[:, j] - rho[:, j] * _dot(y_hist[:, j], direction))[:, None]
+        direction = -direction
+        slope = _dot(direction, grad)
+        no_descent = ~(slope < 0)
+        if no_descent.any():  # a stale history: forget it and take a steepest-descent step
+            direction[no_descent] = -scale[rows[no_descent], None] * grad[no_descent]
+            inv_curvature[rows[no_descent]] = 0.0
+            slope[no_descent] = _dot(direction[no_descent], grad[no_descent])
+        step = np.ones(rows.size)
+        f_new, g_new = objective(x[rows] + direction, rows)
+        searching = ~(f_new <= f[rows] + 1e-4 * slope)
+        for _ in range(max_halvings):
+            if not searching.any():
+                break
+            idx = np.flatnonzero(searching)
+            step[idx] *= 0.5
+            f_new[idx], g_new[idx] = objective(x[rows[idx]] + step[idx, None] * direction[idx], rows[idx])
+            searching[idx] = ~(f_new[idx] <= f[rows[idx]] + 1e-4 * step[idx] * slope[idx])
+        moved = ~searching
+        s, y = step[:, None] * direction, g_new - grad
+        sy, yy = _dot(s, y), _dot(y, y)
+        keep = moved & (yy > 0) & (sy > 1e-10 * yy)  # positive curvature keeps the inverse Hessian positive
+        slot = iteration % memory
+        steps[rows, slot], changes[rows, slot] = s * keep[:, None], y * keep[:, None]
+        inv_curvature[rows, slot] = np.where(keep, 1.0 / np.where(keep, sy, 1.0), 0.0)
+        scale[rows[keep]] = sy[keep] / yy[keep]
+        decrease = np.where(moved, f[rows] - f_new, 0.0)
+        x[rows[moved]] += s[moved]
+        f[rows[moved]], g[rows[moved]] = f_new[moved], g_new[moved]
+        active[rows[~moved | (decrease <= rel_tol * np.abs(f[rows]))]] = False
+    return x, f
+
+
+def minimise_from(starts_Kx5: np.ndarray, log_n, log_d, log_loss) -> tuple[np.ndarray, np.ndarray]:
+    """L-BFGS from each start; data rows are per start (K x R) or shared (R,). Returns (ends, objectives)."""
+    data = [np.broadcast_to(v, (len(starts_Kx5), np.shape(v)[-1])) for v in (log_n, log_d, log_loss)]
+    ends, values = lbfgs_batch(lambda x, rows: huber_objective(x, *(v[rows] for v in data)), starts_Kx5)
+    finite = np.isfinite(values) & np.isfinite(ends).all(axis=1)
+    return ends, np.where(finite, values, np.inf)
+
+
+@dataclass(frozen=True)
+class Approach3Fit:
+    law: ScalingLaw
+    objective: float
+    local_minima: np.ndarray  # distinct end points, best first: each bootstrap resample starts from a few
+
+
+def fit_approach3(N, D, L) -> Approach3Fit:
+    """Best of L-BFGS from all 4500 grid starts (Hoffmann et al. 2022, appendix D.2)."""
+    ends, values = minimise_from(chinchilla_grid(), np.log(N), np.log(D), np.log(L))
+    order = np.argsort(values)
+    ends, values = ends[order][np.isfinite(values[order])], values[order][np.isfinite(values[order])]
+    _, first = np.unique(np.round(ends, 2), axis=0, return_index=True)
+    return Approach3Fit(ScalingLaw.from_theta(ends[0]), float(values[0]), local_minima=ends[np.sort(first)])
+
+
+# ----------------------------------------------------------------------------- Approach 2
+
+
+def run_compute(run: RunRecord) -> float:
+    """The compute a run spent: its measured FLOPs, else 6 N D."""
+    return run.flops if run.flops is not None else 6.0 * run.params * run.tokens
+
+
+def group_by_budget(runs: list[RunRecord]) -> dict[float, list[RunRecord]]:
+    """IsoFLOP groups: the planned budget, else the run's compute rounded to 2 significant digits."""
+    groups: dict[float, list[RunRecord]] = {}
+    for run in runs:
+        budget = run.budget if run.budget is not None else float(f"{run_compute(run):.1e}")
+        groups.setdefault(budget, []).append(run)
+    return dict(sorted(groups.items()))
+
+
+def parabola_minimum(log_n: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray | None, float, float]:
+    """(coefficients in log N, log N at the minimum, loss there); NaNs when there is no minimum."""
+    if len(np.unique(log_n)) < MIN_SIZES_PER_BUDGET:
+        return None, math.nan, math.nan
+    coefficients = np.polyfit(log_n, loss, 2)
+    curvature, slope, _ = coefficients
+    if curvature <= 0:
+        return coefficients, math.nan, math.nan
+    x_min = -slope / (2 * curvature)
+    return coefficients, x_min, float(np.polyval(coefficients, x_min))
+
+
+def flops_per_param_token(runs: list[RunRecord], n: float) -> float:
+    """k with C = k N D at size n, interpolated in log N between the runs (6 without FLOP counts)."""
+    measured = sorted((math.log(r.params), math.log(r.flops / (r.params * r.tokens))) for r in runs if r.flops)
+    if not measured:
+        return 6.0
+    log_n, log_k = zip(*measured)
+    return float(np.exp(np.interp(math.log(n), log_n, log_k)))
+
+
+@dataclass(frozen=True)
+class BudgetFit:
+    C: float
+    runs: list[RunRecord]
+    coefficients: np.ndarray | None  # loss = polyval(coefficients, log N)
+    N_opt: float | None
+    D_opt: float | None
+    loss_min: float | None
+    warning: str | None
+
+
+def fit_budget(C: float, runs: list[RunRecord]) -> BudgetFit:
+    """The parabola of one budget, with a warning when its minimum is missing or at the grid's edge."""
+    log_n, loss = np.log([r.params for r in runs]), np.array([r.loss for r in runs])
+    coefficients, x_min, loss_min = parabola_minimum(log_n, loss)
+    if not math.isfinite(x_min):
+        return BudgetFit(C, runs, coefficients, None, None, None, "parabola opens downward: no minimum")
+    n_opt = math.exp(x_min)
+    warning = None
+    if not log_n.min() <= x_min <= log_n.max():
+        warning = (f"minimum N={n_opt:.3g} outside the sampled sizes [{math.exp(log_n.min()):.3g}, "
+                   f"{math.exp(log_n.max()):.3g}]: extrapolated, extend the grid")
+    elif False and log_n[loss.argmin()] in (log_n.min(), log_n.max()):
+        side = "smallest" if log_n[loss.argmin()] == log_n.min() else "largest"
+        warning = f"lowest loss at the {side} sampled size: the minimum is at the grid's edge, extend the grid"
+    return BudgetFit(C, runs, coefficients, n_opt, C / (flops_per_param_token(runs, n_opt) * n_opt), loss_min, warning)
+
+
+@dataclass(frozen=True)
+class Approach2Fit:
+    budgets: list[BudgetFit]  # every budget with enough sizes; those with a minimum enter the line fits
+    a: float
+    b: float
+    log_n_intercept: float  # log N_opt = a log C + log_n_intercept
+    log_d_intercept: float
+
+
+def fit_approach2(runs: list[RunRecord]) -> Approach2Fit | str:
+    """The IsoFLOP fit over every budget with enough sizes, or the reason it cannot be made."""
+    sized = {C: group for C, group in group_by_budget(runs).items()
+             if len({r.params for r in group}) >= MIN_SIZES_PER_BUDGET}
+    if len(sized) < MIN_BUDGETS:
+        return (f"Approach 2 needs >= {MIN_SIZES_PER_BUDGET} sizes in each of >= {MIN_BUDGETS} budgets; "
+                f"{len(sized)} budget(s) have enough sizes")
+    budgets = [fit_budget(C, group) for C, group in sized.items()]
+    minima = [fit for fit in budgets if fit.N_opt is not None]
+    if len(minima) < MIN_BUDGETS:
+        return f"Approach 2: only {len(minima)} budget(s) have a parabola minimum; need >= {MIN_BUDGETS}"
+    log_c = np.log([fit.C for fit in minima])
+    a, log_n0 = np.polyfit(log_c, np.log([fit.N_opt for fit in minima]), 1)
+    b, log_d0 = np.polyfit(log_c, np.log([fit.D_opt for fit in minima]), 1)
+    return Approach2Fit(budgets, float(a), float(b), float(log_n0), float(log_d0))
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_approach2(fit: Approach2Fit, n_resamples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Resamples runs within each budget; NaN where a resample has no parabola minimum."""
+    n_opt = np.full((n_resamples, len(fit.budgets)), np.nan)
+    d_opt = np.full_like(n_opt, np.nan)
+    for j, budget in enumerate(fit.budgets):
+        log_n = np.log([r.params for r in budget.runs])
+        loss = np.array([r.loss for r in budget.runs])
+        for i in range(n_resamples):
+            pick = rng.integers(0, len(loss), len(loss))
+            _, x_min, _ = parabola_minimum(log_n[pick], loss[pick])
+            if math.isfinite(x_min):
+                n_opt[i, j] = math.exp(x_min)
+                d_opt[i, j] = budget.C / (flops_per_param_token(budget.runs, n_opt[i, j]) * n_opt[i, j])
+    in_line_fit = np.array([budget.N_opt is not None for budget in fit.budgets])
+    log_c = np.log([budget.C for budget in fit.budgets])
+    exponents = np.full((n_resamples, 2), np.nan)
+    for i in range(n_resamples):
+        usable = in_line_fit & np.isfinite(n_opt[i])
+        if usable.sum() >= MIN_BUDGETS:
+            exponents[i, 0] = np.polyfit(log_c[usable], np.log(n_opt[i, usable]), 1)[0]
+            exponents[i, 1] = np.polyfit(log_c[usable], np.log(d_opt[i, usable]), 1)[0]
+    return {"N_opt": n_opt, "D_opt": d_opt, "a": exponents[:, 0], "b": exponents[:, 1]}
+
+
+def bootstrap_approach3(fit: Approach3Fit, runs: list[RunRecord], n_resamples: int, largest_budget: float,
+                        rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Resamples runs; each resample starts from the best full-data solution and a few other minima.
+
+    All resamples x starts are one batched L-BFGS call, so 200 resamples cost about one grid fit.
+    """
+    log_data = [np.log([getattr(r, k) for r in runs]) for k in ("params", "tokens", "loss")]
+    starts = fit.local_minima[: 1 + BOOTSTRAP_EXTRA_STARTS]
+    picks = rng.integers(0, len(runs), (n_resamples, len(runs))).repeat(len(starts), axis=0)
+    ends, values = minimise_from(np.tile(starts, (n_resamples, 1)), *(v[picks] for v in log_data))
+    best = values.reshape(n_resamples, len(starts)).argmin(axis=1) + np.arange(n_resamples) * len(starts)
+    laws = [ScalingLaw.from_theta(theta) for theta in ends[best]]
+    samples = {k: np.array([getattr(law, k) for law in laws]) for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
+    samples["tokens_per_param"] = np.array([law.tokens_per_param(largest_budget) for law in laws])
+    return samples
+
+
+# ----------------------------------------------------------------------------- both approaches, JSON
+
+
+@dataclass(frozen=True)
+class FitResult:
+    param_convention: str
+    runs: list[RunRecord]
+    largest_budget: float
+    approach3: Approach3Fit | str  # the fit, or why it was skipped
+    approach2: Approach2Fit | str
+    approach3_samples: dict[str, np.ndarray]  # bootstrap resamples; empty without bootstrap
+    approach2_samples: dict[str, np.ndarray]
+
+    def to_json(self) -> dict:
+        """The fit.json contract."""
+        return {"param_convention": self.param_convention, "n_runs": len(self.runs),
+                "approach3": self._approach3_json(), "isoflop": self._approach2_json()}
+
+    def _approach3_json(self) -> dict:
+        if isinstance(self.approach3, str):
+            return {"skipped": self.approach3}
+        law = self.approach3.law
+        out = {k: _estimate(getattr(law, k), self.approach3_samples.get(k))
+               for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
+        out["tokens_per_param"] = _estimate(law.tokens_per_param(self.largest_budget),
+                                            self.approach3_samples.get("tokens_per_param"))
+        return out
+
+    def _approach2_json(self) -> dict:
+        if isinstance(self.approach2, str):
+            return {"skipped": self.approach2}
+        samples = self.approach2_samples
+        budgets = [{"C": budget.C,
+                    "N_opt": _estimate(budget.N_opt, samples["N_opt"][:, j] if samples else None),
+                    "D_opt": _estimate(budget.D_opt, samples["D_opt"][:, j] if samples else None),
+                    "loss_min": budget.loss_min, "n_runs": len(budget.runs), "warning": budget.warning}
+                   for j, budget in enumerate(self.approach2.budgets)]
+        return {"budgets": budgets, "a": _estimate(self.approach2.a, samples.get("a")),
+                "b": _estimate(self.approach2.b, samples.get("b"))}
+
+
+def _estimate(value: float | None, samples: np.ndarray | None) -> dict:
+    """{"value", "ci_low", "ci_high"}: the full-data value and the 95% bootstrap interval (None if none)."""
+    finite = samples[np.isfinite(samples)] if samples is not None else np.empty(0)
+    low, high = np.percentile(finite, [2.5, 97.5]) if finite.size else (None, None)
+    return {"value": None if value is None else float(value),
+            "ci_low": None if low is None else float(low), "ci_high": None if high is None else float(high)}
+
+
+def fit_scaling_laws(runs: list[RunRecord], param_convention: str = "total", seed: int = 0,
+                     bootstrap: int = 200) -> FitResult:
+    """Both Chinchilla fits with bootstrap CIs; raises FitInputError if neither can be made."""
+    if bootstrap < 0:
+        raise FitInputError(f"bootstrap must be >= 0 resamples; got {bootstrap}")
+    approach2 = fit_approach2(runs)
+    if len(runs) < MIN_RUNS_APPROACH3:
+        approach3 = f"Approach 3 has 5 parameters and needs >= {MIN_RUNS_APPROACH3} runs; got {len(runs)}"
+        if isinstance(approach2, str):
+            raise FitInputError(f"too few runs to fit: {approach3}; {approach2}")
+    else:
+        approach3 = fit_approach3(*(np.array([getattr(r, k) for r in runs]) for k in ("params", "tokens", "loss")))
+    largest_budget = max(group_by_budget(runs))
+    rng_approach2, rng_approach3 = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    approach3_samples, approach2_samples = {}, {}
+    if bootstrap and not isinstance(approach3, str):
+        approach3_samples = bootstrap_approach3(approach3, runs, bootstrap, largest_budget, rng_approach3)
+    if bootstrap and not isinstance(approach2, str):
+        approach2_samples = bootstrap_approach2(approach2, bootstrap, rng_approach2)
+    return FitResult(param_convention, runs, largest_budget, approach3, approach2,
+                     approach3_samples, approach2_samples)
+
+
+def predict(fit: dict, C) -> dict:
+    """Approach 3's compute-optimal N, D and predicted loss at compute C, from a fit.json dict."""
+    approach3 = fit.get("approach3", {})
+    if "skipped" in approach3 or "E" not in approach3:
+        raise FitInputError(f"predict: the fit has no Approach 3 law ({approach3.get('skipped', 'missing')})")
+    law = ScalingLaw(**{k: approach3[k]["value"] for k in ("E", "A", "B", "alpha", "beta")})
+    n_opt, d_opt = law.compute_optimal(C)
+    as_output = float if np.ndim(C) == 0 else np.asarray
+    return {"C": C, "N_opt": as_output(n_opt), "D_opt": as_output(d_opt), "loss": as_output(law.loss(n_opt, d_opt))}

@@ -1,0 +1,217 @@
+"""The table of finished runs a scaling-law fit reads: from a CSV, run directories or a sweep.
+
+Every source becomes a list of `RunRecord`s. Sources:
+
+- a CSV with columns `params,tokens,loss` (optional `flops`, `budget`, `name`, `lr`; others ignored);
+- a run directory holding the trainer's `summary.json`, or a list of them;
+- a sweep directory holding `plan.json` and `runs/<name>/summary.json`.
+
+Runs whose `status` is not "completed" are skipped and counted. Several learning rates tried at
+one (budget, size) leave only the best one in the fit (`select_best_lr`), since the compute-optimal
+frontier is defined by well-tuned runs (Porian et al. 2024).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lmjax.errors import UserError
+
+PARAM_CONVENTIONS = ("total", "non_embedding", "non_embedding_with_head")
+_REQUIRED_CSV_COLUMNS = ("params", "tokens", "loss")
+_OPTIONAL_CSV_NUMBERS = ("flops", "budget", "lr")
+_SUMMARY_KEYS = ("final_eval_loss", "params_total", "params_non_embedding", "params_output_head", "tokens")
+
+
+class FitInputError(UserError):
+    """A run table that cannot be fitted as given, reported as one line."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished run: N (under the chosen convention), D, final eval loss, and its compute."""
+
+    name: str
+    params: float
+    tokens: float
+    loss: float
+    flops: float | None = None  # measured training FLOPs of the run (trainer's count)
+    budget: float | None = None  # planned compute budget C of the IsoFLOP group it belongs to
+    lr: float | None = None
+
+
+@dataclass
+class RunTable:
+    """The runs that enter the fit, and what was left out on the way."""
+
+    runs: list[RunRecord]
+    default_out_dir: Path
+    skipped: dict[str, str] = field(default_factory=dict)  # run name -> why it is not in the fit
+    n_lr_dropped: int = 0  # runs beaten by another learning rate at the same (budget, size)
+
+
+def load_runs(source: str | os.PathLike | list, param_convention: str = "total") -> list[RunRecord]:
+    """The runs of `source` that enter the fit (best learning rate per budget and size)."""
+    return load_run_table(source, param_convention).runs
+
+
+def load_run_table(source: str | os.PathLike | list, param_convention: str = "total") -> RunTable:
+    """Reads `source` (CSV, run directory, list of run directories or sweep directory)."""
+    if param_convention not in PARAM_CONVENTIONS:
+        raise FitInputError(f"param_convention '{param_convention}' is unknown; expected one of {PARAM_CONVENTIONS}")
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise FitInputError("fit source: the list of run directories is empty")
+        dirs = [_existing(path) for path in source]
+        runs, skipped = _read_run_dirs(dirs, param_convention)
+        out_dir = dirs[0] if len(dirs) == 1 else Path(os.path.commonpath([d.resolve() for d in dirs]))
+    else:
+        path = _existing(source)
+        if path.is_file():
+            runs, skipped, out_dir = _read_csv(path), {}, path.parent
+        elif (path / "plan.json").is_file():
+            runs, skipped = _read_sweep(path, param_convention)
+            out_dir = path
+        elif (path / "summary.json").is_file():
+            runs, skipped = _read_run_dirs([path], param_convention)
+            out_dir = path
+        else:
+            raise FitInputError(f"fit source {path}: expected a CSV file, a run directory with summary.json "
+                                "or a sweep directory with plan.json")
+    kept, n_dropped = select_best_lr(runs)
+    if not kept:
+        why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+        raise FitInputError(f"fit source {source}: no completed runs to fit" + (f" (skipped {why})" if why else ""))
+    return RunTable(runs=kept, default_out_dir=out_dir, skipped=skipped, n_lr_dropped=n_dropped)
+
+
+def select_best_lr(runs: list[RunRecord]) -> tuple[list[RunRecord], int]:
+    """Keeps the lowest-loss run per (budget, params); returns (kept runs, number dropped).
+
+    Runs at one budget and size differ only in their hyperparameters (an LR sweep), so only the
+    best one is on the compute-optimal frontier. Without a budget, (params, tokens) identifies
+    the run instead, so a plain (N, D) grid is never thinned.
+    """
+    def setting(run: RunRecord) -> tuple:
+        return (run.budget, run.params) if run.budget is not None else (None, run.params, run.tokens)
+
+    best: dict[tuple, RunRecord] = {}
+    for run in runs:
+        if setting(run) not in best or run.loss < best[setting(run)].loss:
+            best[setting(run)] = run
+    kept = [run for run in runs if best[setting(run)] is run]
+    return kept, len(runs) - len(kept)
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FitInputError(f"fit source {path}: no such file or directory")
+    return path
+
+
+def _positive(value: object, where: str, column: str) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise FitInputError(f"{where}, column '{column}': '{value}' is not a number") from None
+    if not math.isfinite(number) or number <= 0:
+        raise FitInputError(f"{where}, column '{column}': {value} must be a positive finite number")
+    return number
+
+
+def _read_csv(path: Path) -> list[RunRecord]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in _REQUIRED_CSV_COLUMNS if c not in columns]
+        if missing:
+            raise FitInputError(f"{path}: missing column(s) {', '.join(missing)}; expected at least "
+                                f"{','.join(_REQUIRED_CSV_COLUMNS)} (found {','.join(columns) or 'no header'})")
+        runs = []
+        for row_number, raw in enumerate(reader, start=1):
+            row = {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in raw.items() if k is not None}
+            where = f"{path} row {row_number} (line {row_number + 1})"
+            values = {c: _positive(row[c], where, c) for c in _REQUIRED_CSV_COLUMNS}
+            optional = {c: _positive(row[c], where, c) for c in _OPTIONAL_CSV_NUMBERS if row.get(c) not in (None, "")}
+            runs.append(RunRecord(name=row.get("name") or f"row{row_number}", **values, **optional))
+    return runs
+
+
+def _read_sweep(sweep_dir: Path, param_convention: str) -> tuple[list[RunRecord], dict[str, str]]:
+    plan_path = sweep_dir / "plan.json"
+    try:
+        plan = {entry["name"]: entry for entry in json.loads(plan_path.read_text())["runs"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise FitInputError(f"{plan_path}: expected a JSON object with 'runs': [{{'name': ..., 'budget': ...}}, ...] "
+                            f"({type(err).__name__}: {err})") from None
+    present, skipped = [], {}
+    for name in plan:
+        if (sweep_dir / "runs" / name / "summary.json").is_file():
+            present.append(sweep_dir / "runs" / name)
+        else:
+            skipped[name] = "no summary.json (not run or not finished)"
+    runs, more_skipped = _read_run_dirs(present, param_convention, plan)
+    return runs, {**skipped, **more_skipped}
+
+
+def _read_run_dirs(
+    dirs: list[Path], param_convention: str, plan: dict[str, dict] | None = None
+) -> tuple[list[RunRecord], dict[str, str]]:
+    """Reads each run's summary.json; a sweep's plan entry, when given, supplies budget and lr."""
+    runs, skipped = [], {}
+    for run_dir in dirs:
+        summary_path = run_dir / "summary.json"
+        if not summary_path.is_file():
+            raise FitInputError(f"{run_dir}: no summary.json; expected a finished lmjax run directory")
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as err:
+            raise FitInputError(f"{summary_path}: not valid JSON ({err})") from None
+        status = summary.get("status", "completed")
+        if status != "completed":
+            skipped[run_dir.name] = f"status '{status}'"
+            continue
+        missing = [k for k in _SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise FitInputError(f"{summary_path}: missing key(s) {', '.join(missing)}")
+        where = str(summary_path)
+        entry = (plan or {}).get(run_dir.name, {})
+        budget, lr = entry.get("budget", summary.get("budget")), entry.get("lr", summary.get("lr"))
+        runs.append(RunRecord(
+            name=run_dir.name,
+            params=_positive(_param_count(summary, param_convention, run_dir), where, f"params ({param_convention})"),
+            tokens=_positive(summary["tokens"], where, "tokens"),
+            loss=_positive(summary["final_eval_loss"], where, "final_eval_loss"),
+            flops=_positive(summary["train_flops"], where, "train_flops") if summary.get("train_flops") else None,
+            budget=_positive(budget, where, "budget") if budget is not None else None,
+            lr=float(lr) if lr is not None else None,
+        ))
+    return runs, skipped
+
+
+def _param_count(summary: dict, param_convention: str, run_dir: Path) -> float:
+    """N under the chosen convention, from lmjax.flops.param_counts' split in summary.json.
+
+    flops.param_counts puts an untied output head inside `non_embedding` already; a tied head
+    shares the token table, whose size (vocab x d_model) comes from the run's config.yaml.
+    """
+    if param_convention == "total":
+        return summary["params_total"]
+    if param_convention == "non_embedding" or summary["params_output_head"] > 0:
+        return summary["params_non_embedding"]
+    config_path = run_dir / "config.yaml"
+    try:
+        model = yaml.safe_load(config_path.read_text())["model"]
+        head = int(model["vocab_size"]) * int(model["d_model"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+        raise FitInputError(f"{config_path}: param_convention 'non_embedding_with_head' of a tied-embedding run "
+                            f"needs model.vocab_size and model.d_model from the run's config.yaml ({err})") from None
+    return summary["params_non_embedding"] + head

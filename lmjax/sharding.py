@@ -1,0 +1,81 @@
+"""Device mesh and logical-axis sharding.
+
+Model code names logical axes only (`batch`, `embed`, `heads`, ...); the rules table in
+`cfg.mesh.rules` maps them to the mesh axes (data, fsdp, tensor, expert). A new topology is a
+config change: the same model runs on 1 CPU, 8 fake CPU devices, a GPU node or a pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lmjax.config import MESH_AXES, Config, ConfigError, resolve_mesh_shape
+
+
+def make_mesh(cfg: Config, devices: list[jax.Device] | None = None) -> Mesh:
+    """Mesh over `devices` (default: all) with the axis sizes of `cfg.mesh` (-1 filled in)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = resolve_mesh_shape(cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    # Auto axes: XLA's partitioner propagates shardings from the annotated inputs, outputs and
+    # logical constraints (the GSPMD model the rules table is written for).
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if devices == list(jax.devices()):
+        # jax.make_mesh orders devices for the physical topology (ICI rings on TPU, NVLink on GPU).
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def axis_rules(cfg: Config) -> tuple[tuple[str, Any], ...]:
+    return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in cfg.mesh.rules)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: tuple[tuple[str, Any], ...]):
+    """Mesh + rules in scope, so `nn.with_logical_constraint` inside the model takes effect."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules) -> Any:
+    """Tree of logical PartitionSpecs -> tree of NamedShardings."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def batch_spec(rules) -> P:
+    """PartitionSpec of a [batch, length] input array."""
+    return nn.logical_to_mesh_axes(("batch", "length"), rules)
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec(rules))
+
+
+def check_divisible(abstract_tree: Any, shardings: Any, what: str = "parameter") -> None:
+    """Every sharded dimension must divide evenly over its mesh axes; name the first that does not."""
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
+    shard_leaves = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sharding in zip(leaves, shard_leaves):
+        mesh_shape = sharding.mesh.shape
+        for dim, axes in zip(leaf.shape, sharding.spec):
+            if axes is None:
+                continue
+            axes = axes if isinstance(axes, tuple) else (axes,)
+            n = int(np.prod([mesh_shape[a] for a in axes]))
+            if dim % n:
+                name = jax.tree_util.keystr(path)
+                raise ConfigError(
+                    f"{what} {name} of shape {tuple(leaf.shape)}: dimension {dim} does not divide over mesh axes "
+                    f"{'x'.join(axes)} = {n}; change the model size or the mesh"
+                )
+
+
+def host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Host-local numpy rows -> one global jax.Array per key, sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,59 @@
+"""Checkpoints: orbax CheckpointManager holding the train state and the data-iterator state.
+
+Both items are saved in one step directory, so a restore gives a state and the exact next batch
+together. Saves are asynchronous (training continues while the arrays are written); orbax writes
+to a temporary directory and renames it when complete, so a run killed mid-save keeps its
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from lmjax.errors import CheckpointError
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # drop what a killed save left half-written
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+            force=True,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+            )
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} does not match this config's model/optimizer "
+                f"({first_line[:200]}); use a new run_dir or the config the run was started with"
+            ) from None
+        return restored["state"], restored["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,103 @@
+"""Metrics sinks: `run_dir/metrics.jsonl` (the source of truth), wandb (a mirror), a progress bar.
+
+wandb runs offline unless the user has configured it (WANDB_MODE or WANDB_API_KEY), so no
+account is needed; `logging.wandb=off` turns it off. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+from lmjax.config import Config, to_dict
+
+
+def _wandb_mode(setting: str) -> str:
+    if setting != "auto":
+        return "disabled" if setting == "off" else setting
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the fact visible as a string
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, cfg: Config, run_dir: Path, start_step: int, total_steps: int):
+        self.is_main = jax.process_index() == 0
+        self.path = run_dir / "metrics.jsonl"
+        self.file = None
+        self.wandb_run = None
+        self.bar = None
+        if not self.is_main:
+            return
+        self._truncate_after(start_step)
+        self.file = self.path.open("a")
+        mode = _wandb_mode(cfg.logging.wandb)
+        if mode != "disabled":
+            import wandb
+
+            run_id_file = run_dir / "wandb_id"
+            run_id = run_id_file.read_text().strip() if run_id_file.exists() else wandb.util.generate_id()
+            run_id_file.write_text(run_id)
+            self.wandb_run = wandb.init(
+                project=cfg.logging.wandb_project,
+                name=run_dir.name,
+                id=run_id,
+                resume="allow",
+                dir=str(run_dir),
+                mode=mode,
+                config=to_dict(cfg),
+            )
+        if cfg.logging.progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint so the file has each step once."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def progress(self, step: int, loss: float | None, tokens_per_sec: float | None) -> None:
+        if self.bar is None:
+            return
+        postfix = {}
+        if loss is not None:
+            postfix["loss"] = f"{loss:.3f}"
+        if tokens_per_sec:
+            postfix["tok/s"] = f"{tokens_per_sec:,.0f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(step - self.bar.n)  # redraws at most every `mininterval` seconds
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -1,0 +1,58 @@
+"""Test setup: 8 fake CPU devices for mesh tests, a persistent compilation cache, no wandb.
+
+The environment must be set before jax is imported anywhere, so it happens at import time here.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+_CACHE = pathlib.Path(os.environ.get("LMJAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "lmjax" / "jax_test_cache"))
+_CACHE.mkdir(parents=True, exist_ok=True)
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> pathlib.Path:
+    """One tokenizer/packed-data cache for the whole session (built once, reused by every test)."""
+    return tmp_path_factory.mktemp("lmjax_data_cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(data_cache) -> list[str]:
+    """A tiny LLaMA-style run on a slice of the built-in corpus: seconds per run on 2 CPU cores.
+
+    Sizes divide over data=2 x fsdp=2 x tensor=2 so the same overrides serve the mesh tests.
+    """
+    return [
+        "model.vocab_size=512",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.d_ff=128",
+        "data.seq_len=32",
+        "data.global_batch_size=16",
+        "data.max_documents=60",
+        "data.val_fraction=0.1",
+        f"data.cache_dir={data_cache}",
+        "optim.warmup_steps=2",
+        "train.steps=6",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "train.checkpoint_every=3",
+        "logging.wandb=off",
+        "logging.progress=false",
+    ]

@@ -1,0 +1,114 @@
+"""KV-cache decoding and sampling: cached logits equal the full forward pass, cached greedy
+generation equals greedy decoding by full recomputation, and top-k / top-p never leave their set."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax.config import ModelConfig
+from lmjax.generate import GenerateError, generate, sample_logits
+from lmjax.models import build_model, init_cache
+
+VOCAB = 64
+# Large init so that logits are far from ties and argmax is stable under float reordering.
+CONFIGS = {
+    "llama": dict(style="llama"),
+    "llama-gqa": dict(style="llama", n_kv_heads=2),
+    "gpt2": dict(style="gpt2"),
+    "llama-mqa-loop": dict(style="llama", n_kv_heads=1, scan_layers=False),
+}
+
+
+def setup_model(**overrides):
+    base = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32, init_std=0.3)
+    model = build_model(ModelConfig(**{**base, **overrides}))
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    return model, params
+
+
+def prompts(batch=2, length=5, seed=1):
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+def greedy_by_recomputation(model, params, prompt, max_new_tokens):
+    forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+    tokens = np.asarray(prompt)
+    for _ in range(max_new_tokens):
+        next_token = np.argmax(np.asarray(forward(tokens))[:, -1], axis=-1)
+        tokens = np.concatenate([tokens, next_token[:, None].astype(tokens.dtype)], axis=1)
+    return tokens
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_prefill_then_single_steps_match_full_forward(name):
+    model, params = setup_model(**CONFIGS[name])
+    tokens = prompts(length=9)
+    full = model.apply({"params": params}, tokens)
+    cache = init_cache(model, batch_size=2, max_length=12)
+    logits, variables = model.apply({"params": params, "cache": cache}, tokens[:, :5], decode=True, mutable=["cache"])
+    chunks = [logits]
+    for t in range(5, 9):
+        logits, variables = model.apply({"params": params, **variables}, tokens[:, t : t + 1], decode=True, mutable=["cache"])
+        chunks.append(logits)
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_greedy_equals_greedy_by_recomputation(name):
+    model, params = setup_model(**CONFIGS[name])
+    prompt = prompts()
+    want = greedy_by_recomputation(model, params, prompt, max_new_tokens=7)
+    got = generate(model, params, prompt, max_new_tokens=7, rng=jax.random.key(0))
+    assert got.shape == (2, 12)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(want[:, 5:])) > 1, "degenerate continuation: the comparison would be weak"
+
+
+def test_top_k_one_equals_greedy_and_eos_stops_rows():
+    model, params = setup_model(**CONFIGS["llama"])
+    prompt = prompts()
+    want = greedy_by_recomputation(model, params, prompt, max_new_tokens=6)
+    top1 = generate(model, params, prompt, 6, jax.random.key(3), temperature=1.0, top_k=1)
+    np.testing.assert_array_equal(top1, want)
+
+    eos = int(want[0, 7])  # the third generated token of row 0
+    expected = want.copy()
+    for row in expected:
+        hits = np.flatnonzero(row[5:] == eos)
+        if hits.size:
+            row[5 + hits[0] :] = eos
+    stopped = generate(model, params, prompt, 6, jax.random.key(0), eos_id=eos)
+    np.testing.assert_array_equal(stopped, expected)
+
+
+def sample_many(probs, n=4000, **kwargs):
+    logits = jnp.log(jnp.tile(jnp.asarray(probs, jnp.float32), (n, 1)))
+    return np.asarray(sample_logits(logits, jax.random.key(0), **kwargs))
+
+
+def test_top_p_never_leaves_the_nucleus():
+    probs = [0.05, 0.5, 0.15, 0.3]  # nucleus for top_p=0.75: {1, 3}; for 0.9: {1, 3, 2}
+    assert set(sample_many(probs, top_p=0.75)) == {1, 3}
+    assert set(sample_many(probs, top_p=0.9)) == {1, 2, 3}
+    assert set(sample_many(probs, top_p=0.4)) == {1}
+    assert set(sample_many(probs)) == {0, 1, 2, 3}, "without top_p every token should appear"
+
+
+def test_top_k_and_temperature():
+    probs = [0.05, 0.5, 0.15, 0.3]
+    assert set(sample_many(probs, top_k=2)) == {1, 3}
+    assert set(sample_many(probs, temperature=0.0, top_p=0.5)) == {1}
+    sharp = np.bincount(sample_many(probs, temperature=0.25), minlength=4) / 4000
+    assert sharp[1] > 0.85, f"temperature 0.25 should concentrate on the mode, got {sharp}"
+
+
+def test_bad_settings_raise():
+    model, params = setup_model(style="gpt2", max_seq_len=8)
+    with pytest.raises(GenerateError, match="top_p"):
+        sample_logits(jnp.zeros((1, 4)), jax.random.key(0), top_p=0.0)
+    with pytest.raises(GenerateError, match="max_seq_len"):
+        generate(model, params, prompts(length=5), 4, jax.random.key(0))
+    with pytest.raises(GenerateError, match="prompt_tokens"):
+        generate(model, params, np.zeros((3,), np.int32), 2, jax.random.key(0))

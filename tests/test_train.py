@@ -1,0 +1,181 @@
+"""The trainer end to end: sharded vs unsharded, exact resume, memorisation, non-finite stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax import cli, sharding
+from lmjax.config import load_config
+from lmjax.evaluate import load_run
+from lmjax.models import build_model
+from lmjax.train.loop import train
+from lmjax.train.step import StateFactory, make_train_step
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_sharded_equals_unsharded(tmp_path, tiny_overrides):
+    one = load_config(None, tiny_overrides + [f"run_dir={tmp_path / 'one'}", "mesh.data=1"])
+    train(one, devices=jax.devices()[:1])
+    eight = load_config(None, tiny_overrides + [f"run_dir={tmp_path / 'eight'}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    summary = train(eight)
+    assert summary["devices"] == 8
+    losses_one, losses_eight = read_losses(tmp_path / "one"), read_losses(tmp_path / "eight")
+    assert sorted(losses_one)[:5] == [1, 2, 3, 4, 5]
+    for step in range(1, 6):
+        np.testing.assert_allclose(losses_eight[step], losses_one[step], rtol=1e-4)
+    # The losses must move, or the comparison says nothing about the update being sharded right.
+    assert losses_one[5] < losses_one[1] - 0.05
+
+
+def test_params_are_created_sharded(tiny_overrides, tmp_path):
+    cfg = load_config(None, tiny_overrides + [f"run_dir={tmp_path}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    mesh = sharding.make_mesh(cfg)
+    factory = StateFactory(cfg, build_model(cfg.model), mesh, sharding.axis_rules(cfg))
+    state = factory.create(0)
+    sharded = [x for x in jax.tree.leaves(state.params) if x.ndim >= 2]
+    # Every weight matrix is split over fsdp and/or tensor: no device holds a full copy.
+    for x in sharded:
+        shard = x.addressable_shards[0].data
+        assert shard.size < x.size, x.shape
+
+
+def _cli_command(config_overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "lmjax.cli", "train", "configs/dense_tiny.yaml", *config_overrides]
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc={proc.returncode}) before the interruption point:\n{proc.stderr.read()}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the interruption point")
+        time.sleep(0.005)
+
+
+def _logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _final_params(run_dir: Path) -> list[np.ndarray]:
+    run = load_run(run_dir)
+    return [np.asarray(x) for x in jax.tree.leaves(run.params)]
+
+
+@pytest.fixture(scope="module")
+def resume_setup(tmp_path_factory, tiny_overrides):
+    """An uninterrupted reference run, and the overrides every resume test shares."""
+    root = tmp_path_factory.mktemp("resume")
+    overrides = tiny_overrides + ["train.steps=120", "train.checkpoint_every=20", "train.eval_every=60"]
+    reference = root / "reference"
+    assert cli.main(["train", "configs/dense_tiny.yaml", *overrides, f"run_dir={reference}"]) == 0
+    return root, overrides, read_losses(reference), _final_params(reference)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_exact_resume(resume_setup, how):
+    root, overrides, ref_losses, ref_params = resume_setup
+    run_dir = root / how
+    command = _cli_command(overrides + [f"run_dir={run_dir}"])
+    env = dict(os.environ)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if how == "sigterm":
+        _wait_for(lambda: _logged_step(run_dir) >= 7, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read()
+    else:
+        # Killed outright once a checkpoint is complete (orbax renames the finished directory).
+        _wait_for(lambda: (run_dir / "checkpoints" / "20").is_dir() and _logged_step(run_dir) >= 25, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    interrupted_at = _logged_step(run_dir)
+    assert 0 < interrupted_at < 120, "the run must have been interrupted mid-way"
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    losses = read_losses(run_dir)
+    assert sorted(losses) == sorted(ref_losses) == list(range(1, 121))
+    assert losses == ref_losses  # bit for bit, every step
+    for got, want in zip(_final_params(run_dir), ref_params):
+        np.testing.assert_array_equal(got, want)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_rerun_of_finished_run_is_a_no_op(resume_setup, capsys):
+    root, overrides, ref_losses, _ = resume_setup
+    assert cli.main(["train", "configs/dense_tiny.yaml", *overrides, f"run_dir={root / 'reference'}"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert read_losses(root / "reference") == ref_losses
+
+
+def test_tiny_model_memorizes_a_batch():
+    cfg = load_config(
+        None,
+        ["model.vocab_size=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=128",
+         "data.seq_len=16", "data.global_batch_size=4", "optim.lr=1e-2", "optim.warmup_steps=5",
+         "optim.weight_decay=0", "optim.min_lr_ratio=0.01", "train.steps=200", "mesh.data=1"],
+    )
+    mesh = sharding.make_mesh(cfg, jax.devices()[:1])
+    rules = sharding.axis_rules(cfg)
+    model = build_model(cfg.model)
+    factory = StateFactory(cfg, model, mesh, rules)
+    tokens = np.random.default_rng(0).integers(0, 64, size=(4, 17)).astype(np.int32)
+    batch = {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.ones((4, 16), np.int32),
+        "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1)),
+        "loss_mask": np.ones((4, 16), np.float32),
+    }
+    batch = sharding.host_batch_to_global(batch, sharding.batch_sharding(mesh, rules))
+    with sharding.activate(mesh, rules):
+        state = factory.create(0)
+        step = make_train_step(cfg, model, factory, sharding.batch_sharding(mesh, rules))
+        first = None
+        for _ in range(200):
+            state, metrics = step(state, batch)
+            first = first if first is not None else float(metrics["loss"])
+    assert first > 3.0  # ~log(64) at init: the model did not start out knowing the batch
+    assert float(metrics["loss"]) < 0.05
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_overrides):
+    base = tiny_overrides + ["train.steps=3", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    train(load_config(None, base + [f"run_dir={tmp_path / 'full'}"]))
+    train(load_config(None, base + [f"run_dir={tmp_path / 'accum'}", "train.microbatches=2"]))
+    full, accum = read_losses(tmp_path / "full"), read_losses(tmp_path / "accum")
+    for step in (1, 2, 3):
+        np.testing.assert_allclose(accum[step], full[step], rtol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, capsys):
+    run_dir = tmp_path / "nan"
+    # lr 1e30 with no clipping overflows the weights at the first update: the loss of step 2 is not finite.
+    overrides = tiny_overrides + [f"run_dir={run_dir}", "optim.lr=1e30", "optim.warmup_steps=0",
+                                  "optim.grad_clip=0", "optim.schedule=constant", "train.checkpoint_every=1", "train.steps=5"]
+    assert cli.main(["train", "configs/dense_tiny.yaml", *overrides]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: non-finite loss") and "at step 2" in err and "last good checkpoint: step 1" in err
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [1]
