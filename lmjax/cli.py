@@ -91,7 +91,7 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    from lmjax.scaling.fit import run_fit
+    from lmjax.scaling.report import run_fit
 
     sources = args.source if len(args.source) > 1 else args.source[0]
     run_fit(sources, out_dir=args.out, param_convention=args.param_convention, bootstrap=args.bootstrap)

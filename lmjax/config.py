@@ -367,6 +367,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads})")
     if m.head_dim is not None:
         _positive(m.head_dim, "model.head_dim")
+    if m.attention == "cudnn" and m.dtype != "bfloat16":
+        raise ConfigError(f"model.attention=cudnn needs model.dtype=bfloat16 (cuDNN flash attention has no float32 kernel), got {m.dtype}")
     if m.style == "llama" and m.head_size % 2:
         raise ConfigError(f"model.head_dim ({m.head_size}) must be even for RoPE")
     for key in ("seq_len", "global_batch_size"):

@@ -36,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax.config import ModelConfig
+from lmjax.errors import UserError
 
 
-class FlopsError(ValueError):
+class FlopsError(UserError):
     """A counting or peak-lookup request that cannot be answered, reported as one line."""
 
 

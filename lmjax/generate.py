@@ -10,16 +10,18 @@ padding; batch prompts of different lengths by length, or generate them one at a
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.errors import UserError
 from lmjax.models.decoder import init_cache
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError):
     """Invalid sampling settings or prompt."""
 
 
@@ -150,3 +152,43 @@ def generate(
         max_new_tokens, float(temperature), int(top_k), float(top_p), eos_id,
     )
     return np.asarray(tokens)
+
+
+def generate_from_run(
+    run_dir: Path,
+    prompt: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    num_samples: int = 1,
+) -> list[str]:
+    """`lmjax generate`: continues `prompt` with the latest checkpoint of `run_dir`, on one device."""
+    from lmjax.data.tokenizer import load_tokenizer
+    from lmjax.evaluate import load_run
+
+    if num_samples < 1:
+        raise GenerateError(f"num_samples: expected >= 1, got {num_samples}")
+    tokenizer_path = run_dir / "tokenizer.model"
+    if not tokenizer_path.exists():
+        raise GenerateError(f"{run_dir} has no tokenizer.model; expected a run directory written by `lmjax train`")
+    tokenizer = load_tokenizer(tokenizer_path)
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise GenerateError("prompt: expected some text, got an empty prompt")
+    # Sampling is a small batch on one device: whatever mesh the run trained on.
+    single_device = [f"mesh.{axis}=1" for axis in ("data", "fsdp", "tensor", "expert")]
+    run = load_run(run_dir, single_device, devices=jax.devices()[:1])
+    prompts = np.tile(np.asarray(prompt_ids, np.int32), (num_samples, 1))
+    tokens = generate(
+        run.model, run.params, prompts, max_new_tokens, jax.random.key(seed),
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id,
+    )
+    texts = []
+    for row in tokens:
+        new = [int(t) for t in row[len(prompt_ids):]]
+        if tokenizer.eos_id in new:
+            new = new[: new.index(tokenizer.eos_id)]
+        texts.append(prompt + tokenizer.decode(new))
+    return texts

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.config import ModelConfig
+from lmjax.errors import UserError
 from lmjax.models.layers import RESIDUAL_AXES, Block, make_norm, partitioned_normal
 
 REMAT_POLICIES = {
@@ -37,8 +38,15 @@ REMAT_POLICIES = {
 }
 
 
-class ModelInputError(ValueError):
+class ModelInputError(UserError):
     """Inputs of the wrong rank, length or kind for the model."""
+
+
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows of a (possibly sharded) table. The table is all-gathered first, as FSDP does for every
+    weight: a gather from a vocab-sharded table otherwise makes XLA's partitioner replicate it the
+    slow way ("involuntary full rematerialization")."""
+    return jnp.take(nn.with_logical_constraint(table, (None, None)), ids, axis=0)
 
 
 class Embed(nn.Module):
@@ -53,7 +61,7 @@ class Embed(nn.Module):
         )
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, tokens_BT, axis=0).astype(jnp.dtype(self.config.dtype))
+        return lookup(self.embedding, tokens_BT).astype(jnp.dtype(self.config.dtype))
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         table_VD = self.embedding.astype(jnp.dtype(self.config.dtype))
@@ -84,7 +92,7 @@ class DecoderLM(nn.Module):
         if cfg.style == "gpt2":
             table_init = partitioned_normal(cfg.init_std, (None, "embed"))
             table = self.param("position_embedding", table_init, (cfg.max_seq_len, cfg.d_model), jnp.dtype(cfg.param_dtype))
-            x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(x_BTD.dtype)
+            x_BTD = x_BTD + lookup(table, positions_BT).astype(x_BTD.dtype)
         x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL_AXES)
 
         block_cls = Block

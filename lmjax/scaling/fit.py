@@ -248,7 +248,7 @@ def fit_budget(C: float, runs: list[RunRecord]) -> BudgetFit:
     if not log_n.min() <= x_min <= log_n.max():
         warning = (f"minimum N={n_opt:.3g} outside the sampled sizes [{math.exp(log_n.min()):.3g}, "
                    f"{math.exp(log_n.max()):.3g}]: extrapolated, extend the grid")
-    elif False and log_n[loss.argmin()] in (log_n.min(), log_n.max()):
+    elif log_n[loss.argmin()] in (log_n.min(), log_n.max()):
         side = "smallest" if log_n[loss.argmin()] == log_n.min() else "largest"
         warning = f"lowest loss at the {side} sampled size: the minimum is at the grid's edge, extend the grid"
     return BudgetFit(C, runs, coefficients, n_opt, C / (flops_per_param_token(runs, n_opt) * n_opt), loss_min, warning)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class MetricsLogger:
             import wandb
 
             run_id_file = run_dir / "wandb_id"
-            run_id = run_id_file.read_text().strip() if run_id_file.exists() else wandb.util.generate_id()
+            run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:12]
             run_id_file.write_text(run_id)
             self.wandb_run = wandb.init(
                 project=cfg.logging.wandb_project,
