@@ -1,4 +1,4 @@
-"""`lmjax train | eval | generate | bench | tokenizer | fit`: parse, then call. No logic lives here.
+"""`lmjax train | eval | generate | bench | tokenizer | sweep | fit`: parse, then call. No logic lives here.
 
 CONFIG is a YAML file or a run directory (its config.yaml); overrides are `key.path=value`.
 A user error (config, data, checkpoint, arguments) prints one line `error: ...` and exits 2.
@@ -90,6 +90,12 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from lmjax.scaling.sweep import sweep_command
+
+    return sweep_command(args.sweep, args.overrides, args.plan_only)
+
+
 def cmd_fit(args) -> int:
     from lmjax.scaling.report import run_fit
 
@@ -139,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("overrides", nargs="*")
     t.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("sweep", help="plan and run a Chinchilla-style IsoFLOP sweep, then fit and plot it")
+    p.add_argument("sweep", help="sweep YAML (configs/sweeps/)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides of the sweep config (e.g. sweep_dir=...)")
+    p.add_argument("--plan-only", action="store_true", help="print the plan and exit")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("fit", help="fit scaling laws (Chinchilla approaches 2 and 3) to finished runs")
     p.add_argument("source", nargs="+", help="sweep directory, run directories, or a CSV with params,tokens,loss")

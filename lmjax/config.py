@@ -33,10 +33,39 @@ def _choices(*values: str, default: str) -> Any:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts feed-forward layers, used when `model.family` is moe (lmjax/models/moe.py).
+
+    Layer i (0-based) is an MoE layer when i >= first_dense_layers and (i - first_dense_layers + 1)
+    is a multiple of `interval`; the other layers keep the dense FFN of width `model.d_ff`.
+    """
+
+    n_experts: int = 8
+    top_k: int = 2  # experts per token: 1 = Switch, 2 = Mixtral
+    d_ff_expert: int | None = None  # None: model.d_ff. More, smaller experts = fine-grained (DeepSeekMoE)
+    n_shared_experts: int = 0  # experts of width d_ff_expert that every token goes through (DeepSeekMoE)
+    first_dense_layers: int = 0
+    interval: int = 1  # 2: every other layer after the dense prefix is MoE (GShard, Switch)
+    router_scores: str = _choices("softmax", "sigmoid", default="softmax")  # sigmoid: DeepSeek-V3
+    renormalize: bool = True  # top-k weights divided by their sum (Mixtral); false keeps the raw scores
+    # dropless: every token reaches its experts (sorted by expert, grouped matmuls). capacity: each
+    # expert takes at most ceil(top_k * seq_len * capacity_factor / n_experts) tokens per row and
+    # drops the rest (GShard, Switch); earlier tokens of a row win.
+    dispatch: str = _choices("dropless", "capacity", default="dropless")
+    capacity_factor: float = 1.25
+    load_balance_loss: float = 1e-2  # Switch: alpha * n_experts * sum_i f_i * P_i per MoE layer
+    router_z_loss: float = 1e-3  # ST-MoE: mean over tokens of logsumexp(router logits)^2 per MoE layer
+
+    def layer_indices(self, n_layers: int) -> tuple[int, ...]:
+        """Indices of the MoE layers of an n_layers-deep decoder."""
+        return tuple(range(self.first_dense_layers + self.interval - 1, n_layers, self.interval))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     # `family` selects the model class (the Levanter-style `type:` key); more families arrive
     # with the MoE / encoder / T5 issues.
-    family: str = _choices("dense", default="dense")
+    family: str = _choices("dense", "moe", default="dense")
     # llama: RMSNorm, RoPE, SwiGLU, no biases. gpt2: LayerNorm, learned positions, GELU MLP.
     style: str = _choices("llama", "gpt2", default="llama")
     vocab_size: int = 4096
@@ -59,6 +88,7 @@ class ModelConfig:
     scan_layers: bool = True  # stack layers with nn.scan: compile time independent of depth
     # Attention kernel for jax.nn.dot_product_attention: xla everywhere, cudnn (flash) on GPU.
     attention: str = _choices("xla", "cudnn", default="xla")
+    moe: MoEConfig = field(default_factory=MoEConfig)  # read when family is moe
 
     @property
     def kv_heads(self) -> int:
@@ -357,6 +387,8 @@ def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
 def validate(cfg: Config) -> None:
     """Checks that need no devices. `resolve_mesh_shape` does the device-dependent ones."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
         _positive(getattr(m, key), f"model.{key}")
     if m.d_model % m.n_heads:
@@ -371,6 +403,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attention=cudnn needs model.dtype=bfloat16 (cuDNN flash attention has no float32 kernel), got {m.dtype}")
     if m.style == "llama" and m.head_size % 2:
         raise ConfigError(f"model.head_dim ({m.head_size}) must be even for RoPE")
+    if m.family == "moe":
+        e = m.moe
+        if m.style != "llama":
+            raise ConfigError(f"model.family=moe needs model.style=llama (SwiGLU experts), got {m.style}")
+        for key in ("n_experts", "top_k", "interval"):
+            _positive(getattr(e, key), f"model.moe.{key}")
+        for key in ("n_shared_experts", "first_dense_layers", "load_balance_loss", "router_z_loss"):
+            _positive(getattr(e, key), f"model.moe.{key}", allow_zero=True)
+        _positive(e.capacity_factor, "model.moe.capacity_factor")
+        if e.d_ff_expert is not None:
+            _positive(e.d_ff_expert, "model.moe.d_ff_expert")
+        if e.top_k > e.n_experts:
+            raise ConfigError(f"model.moe.top_k ({e.top_k}) must be <= model.moe.n_experts ({e.n_experts})")
+        if e.renormalize and e.top_k == 1:
+            raise ConfigError("model.moe.renormalize=true with top_k=1 makes every gate 1, so the LM loss cannot train the router; set renormalize=false")
+        moe_span = m.n_layers - e.first_dense_layers
+        if moe_span < e.interval or moe_span % e.interval:
+            raise ConfigError(
+                f"model.n_layers ({m.n_layers}) - model.moe.first_dense_layers ({e.first_dense_layers}) must be a positive "
+                f"multiple of model.moe.interval ({e.interval})"
+            )
     for key in ("seq_len", "global_batch_size"):
         _positive(getattr(d, key), f"data.{key}")
     if m.style == "gpt2" and d.seq_len > m.max_seq_len:

@@ -50,10 +50,11 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Every parameter the model holds, split the way scaling-law papers need.
 
     `embedding` is the token table plus learned positions; `output_head` is the unembedding matrix
-    when it is not tied to the token table (it is part of `non_embedding`).
+    when it is not tied to the token table (it is part of `non_embedding`). `active` is what one
+    token uses: for MoE, the top_k routed experts (+ shared experts and router) of each MoE layer
+    instead of all experts; for a dense model, `total`.
     """
-    if cfg.family != "dense":
-        raise FlopsError(f"param_counts: model.family '{cfg.family}' is not supported; expected dense")
+    _check_family(cfg, "param_counts")
     d, ff, q_width, kv_width = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
     attention = d * q_width + 2 * d * kv_width + q_width * d
     mlp = cfg.mlp_matrices * d * ff
@@ -72,7 +73,30 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     embedding = cfg.vocab_size * d + positions
     output_head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
     total = embedding + cfg.n_layers * per_layer + final_norm + output_head
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "output_head": output_head}
+    active = total
+    if cfg.family == "moe":
+        # Each MoE layer swaps its MLP for router [d, E] + E routed and n_shared shared experts.
+        moe, n_moe_layers = cfg.moe, len(cfg.moe.layer_indices(cfg.n_layers))
+        expert = cfg.mlp_matrices * d * _expert_d_ff(cfg)
+        always_on = d * moe.n_experts + moe.n_shared_experts * expert
+        total += n_moe_layers * (always_on + moe.n_experts * expert - mlp)
+        active += n_moe_layers * (always_on + moe.top_k * expert - mlp)
+    return {
+        "total": total,
+        "embedding": embedding,
+        "non_embedding": total - embedding,
+        "output_head": output_head,
+        "active": active,
+    }
+
+
+def _check_family(cfg: ModelConfig, what: str) -> None:
+    if cfg.family not in ("dense", "moe"):
+        raise FlopsError(f"{what}: model.family '{cfg.family}' is not supported; expected dense or moe")
+
+
+def _expert_d_ff(cfg: ModelConfig) -> int:
+    return cfg.moe.d_ff_expert if cfg.moe.d_ff_expert is not None else cfg.d_ff
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -131,12 +155,20 @@ def chinchilla_forward_flops(
 
 
 def _model_forward_terms(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    if cfg.family != "dense":
-        raise FlopsError(f"flops: model.family '{cfg.family}' is not supported; expected dense")
-    return chinchilla_forward_terms(
+    """Appendix-F terms of `cfg`. MoE layers count their router and the top_k routed + shared
+    experts each token uses (the model's FLOPs: capacity padding and dropped tokens are not counted)."""
+    _check_family(cfg, "flops")
+    terms = chinchilla_forward_terms(
         seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.head_size, cfg.d_ff, cfg.vocab_size,
         n_kv_heads=cfg.kv_heads, mlp_matrices=cfg.mlp_matrices,
     )
+    if cfg.family == "moe":
+        moe, n_moe_layers = cfg.moe, len(cfg.moe.layer_indices(cfg.n_layers))
+        seq, d = float(seq_len), float(cfg.d_model)
+        terms["mlp"] = (cfg.n_layers - n_moe_layers) * 2 * seq * cfg.mlp_matrices * d * cfg.d_ff
+        terms["moe_router"] = n_moe_layers * 2 * seq * d * moe.n_experts
+        terms["moe_experts"] = n_moe_layers * (moe.top_k + moe.n_shared_experts) * 2 * seq * cfg.mlp_matrices * d * _expert_d_ff(cfg)
+    return terms
 
 
 def flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
@@ -152,9 +184,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def six_n_flops_per_token(cfg: ModelConfig, include_embedding: bool = True) -> float:
-    """The 6N approximation (Kaplan et al. 2020); N without embeddings when `include_embedding` is False."""
+    """The 6N approximation (Kaplan et al. 2020) with N the active parameters (all of them for a
+    dense model); N without embeddings when `include_embedding` is False."""
     counts = param_counts(cfg)
-    return 6.0 * counts["total" if include_embedding else "non_embedding"]
+    return 6.0 * (counts["active"] if include_embedding else counts["active"] - counts["embedding"])
 
 
 # ----------------------------------------------------------------------------- peak FLOP/s and MFU

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from lmjax.models import moe_aux_loss
+
 Batch = dict[str, jax.Array]
 
 
@@ -29,15 +31,25 @@ def causal_lm_loss(params: Any, batch: Batch, model: nn.Module, z_loss: float = 
     """Next-token prediction on packed rows; `loss_mask` removes cross-document and padding targets.
 
     Returns (objective_sum, metrics) where objective_sum = sum(ce) + z_loss * sum(log_z^2) over
-    masked tokens (z-loss as in PaLM, keeps the softmax normaliser near 0).
+    masked tokens (z-loss as in PaLM, keeps the softmax normaliser near 0), plus, for MoE models,
+    the router auxiliary loss (a per-token mean) times the token count.
     """
-    logits_BLV = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
+    logits_BLV, state = model.apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], mutable=["intermediates"]
+    )
     ce_BL, log_z_BL = token_cross_entropy(logits_BLV, batch["targets"])
     mask_BL = batch["loss_mask"].astype(jnp.float32)
     ce_sum = jnp.sum(ce_BL * mask_BL)
     z_sum = jnp.sum(jnp.square(log_z_BL) * mask_BL)
+    tokens = jnp.sum(mask_BL)
     objective = ce_sum + z_loss * z_sum if z_loss else ce_sum
-    metrics = {"loss_sum": ce_sum, "z_loss_sum": z_sum, "tokens": jnp.sum(mask_BL)}
+    metrics = {"loss_sum": ce_sum, "z_loss_sum": z_sum, "tokens": tokens}
+    moe = moe_aux_loss(state.get("intermediates", {}), model.config)
+    if moe is not None:
+        aux_loss, moe_metrics = moe
+        objective = objective + aux_loss * tokens
+        # Token-weighted sums like the others: the train step divides every metric by the tokens.
+        metrics.update({name: value * tokens for name, value in moe_metrics.items()})
     return objective, metrics
 
 

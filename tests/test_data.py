@@ -201,6 +201,8 @@ def test_iterator_state_resumes_exactly(corpus_dir, shared_cache, data):
     reseeded = build_data(make_config([corpus_dir / "*.py"], shared_cache, seed=7)).train_iterator()
     with pytest.raises(DataError, match="seed"):
         reseeded.set_state(state)
+    iterator.close()
+    fresh.close()
 
 
 # ----------------------------------------------------------------------------- splits

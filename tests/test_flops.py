@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from lmjax import flops
-from lmjax.config import ModelConfig
+from lmjax.config import ModelConfig, MoEConfig
 
 
 def test_forward_flops_equal_appendix_f_by_hand():
@@ -70,9 +70,9 @@ def test_param_counts_llama_by_hand():
     # Per layer: q 16*32 = 512, k and v 16*16 = 256 each, o 32*16 = 512, SwiGLU 3*16*40 = 1920,
     # two RMSNorm scales 2*16 = 32 -> 3488; two layers 6976; final norm 16; token table 100*16 = 1600.
     tied = flops.param_counts(LLAMA)
-    assert tied == {"total": 8592, "embedding": 1600, "non_embedding": 6992, "output_head": 0}
+    assert tied == {"total": 8592, "embedding": 1600, "non_embedding": 6992, "output_head": 0, "active": 8592}
     untied = flops.param_counts(dataclasses.replace(LLAMA, tie_embeddings=False))
-    assert untied == {"total": 10192, "embedding": 1600, "non_embedding": 8592, "output_head": 1600}
+    assert untied == {"total": 10192, "embedding": 1600, "non_embedding": 8592, "output_head": 1600, "active": 10192}
 
 
 def test_param_counts_gpt2_by_hand():
@@ -80,7 +80,7 @@ def test_param_counts_gpt2_by_hand():
     # Per layer: q, k, v, o each 16*16 + 16 = 272 -> 1088; MLP 16*64 + 64 = 1088 and 64*16 + 16 = 1040;
     # two LayerNorms 2*(16+16) = 64 -> 3280; two layers 6560; final LayerNorm 32;
     # token table 1600 + positions 32*16 = 512 -> 2112.
-    assert flops.param_counts(cfg) == {"total": 8704, "embedding": 2112, "non_embedding": 6592, "output_head": 0}
+    assert flops.param_counts(cfg) == {"total": 8704, "embedding": 2112, "non_embedding": 6592, "output_head": 0, "active": 8704}
     untied = flops.param_counts(dataclasses.replace(cfg, tie_embeddings=False))
     assert untied["total"] == 10304 and untied["output_head"] == 1600 and untied["non_embedding"] == 8192
 
@@ -95,6 +95,35 @@ def test_flops_per_token_for_a_llama_config_by_hand():
     assert breakdown["mlp"] == 13_824  # 3 * 2 * 18432 / 8
     assert breakdown["embedding"] == breakdown["logits"] == 4_800  # 3 * 12800 / 8
     assert breakdown["total"] == 36_288
+
+
+# LLAMA with 3 layers: layer 0 dense, layers 1 and 2 MoE with 4 experts of width 8 (top-2) + 1 shared.
+MOE = dataclasses.replace(
+    LLAMA, family="moe", n_layers=3,
+    moe=MoEConfig(n_experts=4, top_k=2, d_ff_expert=8, n_shared_experts=1, first_dense_layers=1, interval=1),
+)
+
+
+def test_param_counts_moe_by_hand():
+    # Dense layer as in LLAMA: 3488. MoE layer: attention 1536 + norms 32 + router 16*4 = 64 +
+    # 4 routed experts 4*(3*16*8) = 1536 + 1 shared 384 -> 3552; active: 2 routed (768) -> 2784.
+    # Total 1600 + 3488 + 2*3552 + 16 = 12208; active 1600 + 3488 + 2*2784 + 16 = 10672.
+    assert flops.param_counts(MOE) == {
+        "total": 12208, "embedding": 1600, "non_embedding": 10608, "output_head": 0, "active": 10672,
+    }
+    assert flops.six_n_flops_per_token(MOE) == 6 * 10672
+
+
+def test_flops_per_token_moe_counts_only_active_experts():
+    # seq 8. Attention per layer (q 4 heads x 8, kv 2 heads x 8): qkv 8192 + 8192, logits 4096,
+    # softmax 768, values 4096, output 8192 -> 33536. Dense SwiGLU (layer 0): 2*8*3*16*40 = 30720.
+    # MoE layer: router 2*8*16*4 = 1024; 2 routed + 1 shared experts 3 * 2*8*3*16*8 = 18432.
+    # Forward: 25600 + 3*33536 + 30720 + 2*(1024 + 18432) + 25600 = 221440 -> 3 * 221440 / 8 per token.
+    assert flops.flops_per_token(MOE, seq_len=8) == 83_040
+    breakdown = flops.flops_breakdown(MOE, seq_len=8)
+    assert breakdown["moe_router"] == 3 * 2 * 1024 / 8
+    assert breakdown["moe_experts"] == 3 * 2 * 18432 / 8
+    assert breakdown["mlp"] == 3 * 30720 / 8
 
 
 def test_six_n_uses_the_hand_count():

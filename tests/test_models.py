@@ -204,6 +204,6 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ModelInputError, match="segment_ids"):
         model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), segment_ids=jnp.ones((1, 5), jnp.int32))
     with pytest.raises(ConfigError, match="model.family"):
-        build_model(tiny(family="moe"))
+        build_model(tiny(family="no_such_family"))
     with pytest.raises(ConfigError, match="cudnn"):
         build_model(tiny(attention="cudnn")).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))

@@ -124,6 +124,10 @@ class TrainIterator:
             )
         self._iterator.set_state(state["grain"])
 
+    def close(self) -> None:
+        """Stops the prefetch threads."""
+        self._iterator.close()
+
 
 @dataclass
 class Data:
@@ -132,8 +136,8 @@ class Data:
     tokenizer: Tokenizer
     fingerprint: str
     stats: dict[str, Any]
-    train: PackedSplit
-    validation: PackedSplit
+    train: PackedSplit = field(repr=False)
+    validation: PackedSplit = field(repr=False)
     seq_len: int
     global_batch_size: int
     seed: int

@@ -5,9 +5,9 @@ from __future__ import annotations
 import flax.linen as nn
 
 from lmjax.config import ConfigError, ModelConfig
-from lmjax.models.decoder import DecoderLM, ModelInputError, init_cache
+from lmjax.models.decoder import DecoderLM, ModelInputError, init_cache, moe_aux_loss
 
-_FAMILIES: dict[str, type[nn.Module]] = {"dense": DecoderLM}
+_FAMILIES: dict[str, type[nn.Module]] = {"dense": DecoderLM, "moe": DecoderLM}  # moe: MoE FFN layers
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -16,4 +16,4 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return _FAMILIES[cfg.family](cfg)
 
 
-__all__ = ["DecoderLM", "ModelInputError", "build_model", "init_cache"]
+__all__ = ["DecoderLM", "ModelInputError", "build_model", "init_cache", "moe_aux_loss"]

@@ -1,4 +1,4 @@
-"""Decoder-only language model (dense FFN), Llama or GPT-2 style.
+"""Decoder-only language model, Llama or GPT-2 style, with dense or mixture-of-experts FFNs.
 
     logits_BTV = DecoderLM(config).apply({"params": params}, tokens, positions, segment_ids)
 
@@ -11,8 +11,11 @@ stay finite). Returns float32 logits [B, T, vocab_size].
 Parameter tree: `embed/embedding` [V, D]; gpt2 adds `position_embedding` [max_seq_len, D]; the
 blocks are `layers/...` with a leading [n_layers] axis when `config.scan_layers` (logical name
 'layers'), else `layer_0/...`, `layer_1/...`; then `final_norm/...` and, unless
-`tie_embeddings`, `unembed` [D, V]. Init: matrices and tables normal(init_std), except the
-attention and MLP output projections, normal(init_std / sqrt(2 * n_layers)) as in GPT-2; norm
+`tie_embeddings`, `unembed` [D, V]. With `family: moe` (Llama style) the MoE layers
+(`config.moe.layer_indices`) replace the MLP by `moe.MoEFeedForward`; scanned, the blocks are
+`dense_layers/...` [first_dense_layers] and `moe_layers/{dense_0, ..., moe}/...` [number of MoE
+layers], one group per MoE layer; unrolled, `layer_i/mlp` is the MLP or the MoE layer.
+Init: matrices and tables normal(init_std), except the attention and MLP output projections, normal(init_std / sqrt(2 * n_layers)) as in GPT-2; norm
 scales 1, biases 0.
 
 Decoding: `decode=True` reads and writes the 'cache' collection made by `init_cache`, so a call
@@ -28,7 +31,8 @@ import jax.numpy as jnp
 
 from lmjax.config import ModelConfig
 from lmjax.errors import UserError
-from lmjax.models.layers import RESIDUAL_AXES, Block, make_norm, partitioned_normal
+from lmjax.models.layers import MLP, RESIDUAL_AXES, Block, make_norm, partitioned_normal
+from lmjax.models.moe import STATS, MoEFeedForward, aux_loss_and_metrics
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -68,6 +72,38 @@ class Embed(nn.Module):
         return jnp.einsum("btd,vd->btv", x_BTD, table_VD, preferred_element_type=jnp.float32)
 
 
+def _scan(module_cls: type[nn.Module], length: int) -> type[nn.Module]:
+    """`length` copies of `module_cls` stacked on a leading 'layers' axis (params, KV cache and
+    sown MoE statistics alike), run by one compiled loop body."""
+    return nn.scan(
+        module_cls,
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+class MoELayerGroup(nn.Module):
+    """`moe.interval - 1` dense blocks (`dense_0`, ...) then one MoE block (`moe`): the unit the
+    scanned MoE stack repeats. Returns (x, None) like Block."""
+
+    config: ModelConfig
+    block_cls: type[nn.Module] = Block  # Block, or Block under nn.remat
+    decode: bool = False
+
+    @nn.compact
+    def __call__(
+        self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None
+    ) -> tuple[jax.Array, None]:
+        cfg = self.config
+        for j in range(cfg.moe.interval - 1):
+            x_BTD, _ = self.block_cls(cfg, decode=self.decode, name=f"dense_{j}")(x_BTD, positions_BT, segment_ids_BT)
+        moe_block = self.block_cls(cfg, decode=self.decode, mlp_cls=MoEFeedForward, name="moe")
+        return moe_block(x_BTD, positions_BT, segment_ids_BT)
+
+
 class DecoderLM(nn.Module):
     config: ModelConfig
 
@@ -95,24 +131,7 @@ class DecoderLM(nn.Module):
             x_BTD = x_BTD + lookup(table, positions_BT).astype(x_BTD.dtype)
         x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL_AXES)
 
-        block_cls = Block
-        if cfg.remat != "none" and not decode:  # nothing to save for a backward pass when decoding
-            # Inside nn.scan the loop already stops XLA from merging the recomputation with the
-            # forward pass, so the CSE barrier is only needed for the unrolled loop.
-            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block_cls,
-                variable_axes={"params": 0, "cache": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
-                length=cfg.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x_BTD, _ = stack(cfg, decode=decode, name="layers")(x_BTD, positions_BT, segment_ids_BT)
-        else:
-            for i in range(cfg.n_layers):
-                x_BTD, _ = block_cls(cfg, decode=decode, name=f"layer_{i}")(x_BTD, positions_BT, segment_ids_BT)
+        x_BTD = self._blocks(x_BTD, positions_BT, segment_ids_BT, decode)
 
         x_BTD = make_norm(cfg, "final_norm")(x_BTD)
         if cfg.tie_embeddings:
@@ -122,6 +141,31 @@ class DecoderLM(nn.Module):
             unembed_DV = self.param("unembed", unembed_init, (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
             logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, unembed_DV.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
         return nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def _blocks(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None, decode: bool) -> jax.Array:
+        cfg = self.config
+        block_cls = Block
+        if cfg.remat != "none" and not decode:  # nothing to save for a backward pass when decoding
+            # Inside nn.scan the loop already stops XLA from merging the recomputation with the
+            # forward pass, so the CSE barrier is only needed for the unrolled loop.
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        moe_layers = cfg.moe.layer_indices(cfg.n_layers) if cfg.family == "moe" else ()
+        if not cfg.scan_layers:
+            for i in range(cfg.n_layers):
+                block = block_cls(cfg, decode=decode, mlp_cls=MoEFeedForward if i in moe_layers else MLP, name=f"layer_{i}")
+                x_BTD, _ = block(x_BTD, positions_BT, segment_ids_BT)
+            return x_BTD
+        if not moe_layers:
+            stacks = [_scan(block_cls, cfg.n_layers)(cfg, decode=decode, name="layers")]
+        else:
+            # nn.scan needs identical layers: the dense prefix is one stack, the repeated group
+            # (interval - 1 dense blocks, then an MoE block) another.
+            stacks = [_scan(MoELayerGroup, len(moe_layers))(cfg, block_cls, decode=decode, name="moe_layers")]
+            if cfg.moe.first_dense_layers:
+                stacks.insert(0, _scan(block_cls, cfg.moe.first_dense_layers)(cfg, decode=decode, name="dense_layers"))
+        for stack in stacks:
+            x_BTD, _ = stack(x_BTD, positions_BT, segment_ids_BT)
+        return x_BTD
 
     def _count_decoded_tokens(self, length: int) -> jax.Array:
         """Tokens cached before this call (a model-level counter, the default first position)."""
@@ -143,6 +187,19 @@ class DecoderLM(nn.Module):
             raise ModelInputError("segment_ids: must be None with decode=True (one sequence per row while decoding)")
         if cfg.style == "gpt2" and not decode and tokens_BT.shape[1] > cfg.max_seq_len:
             raise ModelInputError(f"tokens: length {tokens_BT.shape[1]} exceeds model.max_seq_len ({cfg.max_seq_len})")
+
+
+def moe_aux_loss(intermediates: dict, config: ModelConfig) -> tuple[jax.Array, dict[str, jax.Array]] | None:
+    """(auxiliary loss, metrics) of the MoE layers from the 'intermediates' collection of a forward
+    pass (`model.apply(..., mutable=["intermediates"])`); None for a dense model."""
+    if config.family != "moe":
+        return None
+    if config.scan_layers:  # one entry stacked over the MoE groups, in layer order
+        stats = intermediates["moe_layers"]["moe"]["mlp"][STATS][0]
+    else:
+        per_layer = [intermediates[f"layer_{i}"]["mlp"][STATS][0] for i in config.moe.layer_indices(config.n_layers)]
+        stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return aux_loss_and_metrics(stats, config)
 
 
 def init_cache(model: DecoderLM, batch_size: int, max_length: int) -> dict:

@@ -231,6 +231,7 @@ class Block(nn.Module):
 
     config: ModelConfig
     decode: bool = False
+    mlp_cls: type[nn.Module] = MLP  # the feed-forward: MLP, or moe.MoEFeedForward in MoE layers
 
     @nn.compact
     def __call__(
@@ -239,5 +240,5 @@ class Block(nn.Module):
         attention = Attention(self.config, decode=self.decode, name="attention")
         x_BTD = x_BTD + attention(make_norm(self.config, "attention_norm")(x_BTD), positions_BT, segment_ids_BT)
         x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL_AXES)
-        x_BTD = x_BTD + MLP(self.config, name="mlp")(make_norm(self.config, "mlp_norm")(x_BTD))
+        x_BTD = x_BTD + self.mlp_cls(self.config, name="mlp")(make_norm(self.config, "mlp_norm")(x_BTD))
         return nn.with_logical_constraint(x_BTD, RESIDUAL_AXES), None

@@ -187,6 +187,8 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> dict[str, Any
                 "grad_norm": grad_norm,
                 "tokens": step * tokens_per_step,
             }
+            # Objective-specific metrics (e.g. moe/...): scalars as numbers, vectors as lists.
+            record.update({k: v.tolist() for k, v in m.items() if k not in ("loss", "z_loss", "grad_norm", "target_tokens")})
             if window["time"] is not None:  # throughput once the first (compiling) step is behind
                 seconds = now - window["time"]
                 tokens_per_sec = (step - window["step"]) * tokens_per_step / seconds
@@ -237,6 +239,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> dict[str, Any
         raise
     finally:
         checkpointer.close()
+        train_iter.close()
 
     wall_time = elapsed_before + time.perf_counter() - wall_start
     summary = {
@@ -250,6 +253,7 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> dict[str, Any
         "params_non_embedding": counts["non_embedding"],
         "params_embedding": counts["embedding"],
         "params_output_head": counts["output_head"],
+        "params_active": counts["active"],
         "tokens": steps * tokens_per_step,
         "flops_per_token": flops_per_token,
         "train_flops": flops_per_token * steps * tokens_per_step,

@@ -23,6 +23,10 @@ from lmjax.objectives import OBJECTIVES, eval_sums
 from lmjax.train.optim import make_optimizer
 
 
+# Sums every objective returns; the step turns them into loss, z_loss and target_tokens.
+STEP_SUMS = ("loss_sum", "z_loss_sum", "tokens")
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -104,7 +108,7 @@ def make_train_step(cfg: Config, model: nn.Module, factory: StateFactory, batch_
         # gradient independent of how the batch was split over devices and micro-batches.
         tokens = jnp.maximum(sums["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / tokens, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -113,6 +117,8 @@ def make_train_step(cfg: Config, model: nn.Module, factory: StateFactory, batch_
             "grad_norm": grad_norm,
             "target_tokens": sums["tokens"],
         }
+        # Any other entry (e.g. `moe/...`) is a token-weighted sum: log its per-token average.
+        metrics.update({name: value / tokens for name, value in sums.items() if name not in STEP_SUMS})
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     replicated = NamedSharding(factory.mesh, P())

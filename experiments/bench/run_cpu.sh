@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The CPU benchmarks recorded in README.md. Run from the repo root on an otherwise idle machine:
+#   bash experiments/bench/run_cpu.sh
+set -euo pipefail
+out=experiments/bench/results
+mkdir -p "$out"
+lmjax=${LMJAX:-.venv/bin/lmjax}
+"$lmjax" bench configs/dense_tiny.yaml logging.wandb=off --steps 20 --out "$out/dense_tiny_cpu.json"
+"$lmjax" bench configs/bench_cpu.yaml logging.wandb=off --steps 10 --out "$out/bench_cpu.json"
+# Compile time against depth: scanned layers stay flat, an unrolled Python loop grows.
+for layers in 4 32; do
+  for scan in true false; do
+    "$lmjax" bench configs/dense_tiny.yaml logging.wandb=off model.n_layers=$layers model.scan_layers=$scan \
+      --steps 2 --warmup 0 --out "$out/compile_L${layers}_scan_${scan}.json"
+  done
+done
