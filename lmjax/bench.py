@@ -25,6 +25,7 @@ import lmjax
 from lmjax import flops, sharding
 from lmjax.config import Config, to_dict
 from lmjax.data import build_data
+from lmjax.errors import UserError
 from lmjax.models import build_model
 from lmjax.train.step import StateFactory, make_train_step
 
@@ -39,6 +40,8 @@ def _peak_memory() -> tuple[int, str]:
 
 
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, out: str | None = None) -> dict[str, Any]:
+    if steps < 1 or warmup < 0:
+        raise UserError(f"bench: expected --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
     process_start = time.perf_counter()
     # Compile time is measured cold: a hit in the persistent cache would time a file read.
     jax.config.update("jax_enable_compilation_cache", False)
@@ -81,14 +84,14 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, out: str | None = N
 
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     step_time = statistics.median(times)
-    flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
+    flops_per_token = flops.model_flops_per_token(cfg.model, cfg.data.seq_len)  # matmul FLOPs, no embedding gather
     peak, peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype)
     tokens_per_sec = tokens_per_step / step_time
     memory, memory_source = _peak_memory()
     counts = flops.param_counts(cfg.model)
     result = {
         "tokens_per_sec": tokens_per_sec,
-        "mfu": tokens_per_sec * flops_per_token / (peak * jax.device_count()),
+        "mfu": flops.mfu(tokens_per_sec / jax.device_count(), flops_per_token, peak),
         "step_time_s": step_time,
         "step_time_p10_s": float(np.percentile(times, 10)),
         "step_time_p90_s": float(np.percentile(times, 90)),
@@ -99,7 +102,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, out: str | None = N
         "peak_memory_source": memory_source,
         "peak_flops_per_device": peak,
         "peak_flops_source": peak_source,
-        "flops_per_token": flops_per_token,
+        "model_flops_per_token": flops_per_token,
         "params_total": counts["total"],
         "params_non_embedding": counts["non_embedding"],
         "tokens_per_step": tokens_per_step,

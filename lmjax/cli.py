@@ -171,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         _enable_compilation_cache()
-        from lmjax import distributed
+        if args.func in (cmd_train, cmd_eval, cmd_bench):  # the commands that run on the mesh
+            from lmjax import distributed
 
-        distributed.initialize()
+            distributed.initialize()
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

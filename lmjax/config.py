@@ -364,8 +364,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return convert(dataclasses.asdict(cfg))
 
 
+def config_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

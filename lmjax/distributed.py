@@ -1,6 +1,6 @@
 """Multi-host start-up: `jax.distributed.initialize` from the environment, before any device use.
 
-- TPU pods and SLURM clusters: jax detects the coordinator and process ids itself (its cluster
+- TPU pods and SLURM `srun` steps: jax detects the coordinator and process ids itself (its cluster
   plugins read the TPU metadata / SLURM_* variables); we only need to ask it to.
 - Anywhere else: LMJAX_COORDINATOR (host:port), LMJAX_NUM_PROCESSES, LMJAX_PROCESS_ID.
 A single process with none of these set runs without initialising anything.
@@ -15,6 +15,11 @@ import jax
 from lmjax.errors import UserError
 
 _initialized = False
+
+
+def _under_srun() -> bool:
+    """One task of a multi-task `srun` step (not a batch script that merely has several tasks)."""
+    return "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))) > 1
 
 
 def initialize() -> None:
@@ -33,6 +38,6 @@ def initialize() -> None:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(explicit, num_processes=num_processes, process_id=process_id)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    elif _under_srun() or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
         jax.distributed.initialize()
     _initialized = True

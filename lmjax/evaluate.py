@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmjax import sharding
-from lmjax.config import Config, load_config
+from lmjax.config import Config, load_config, replace
 from lmjax.errors import CheckpointError
 from lmjax.models import build_model
 from lmjax.train.checkpoint import Checkpointer
@@ -64,7 +64,9 @@ def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices
     if not config_path.exists():
         raise CheckpointError(f"{run_dir} is not a run directory: config.yaml not found")
     cfg = load_config(config_path, overrides)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=False)
+    if not (run_dir / "checkpoints").is_dir():
+        raise CheckpointError(f"{run_dir} has no checkpoints/ folder; train it first")
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, read_only=True)
     step = checkpointer.latest_step()
     if step is None:
         checkpointer.close()
@@ -83,7 +85,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), bat
     from lmjax.train.step import make_eval_step
 
     run = load_run(run_dir, overrides)
-    data = build_data(run.cfg)
+    # The run's own tokenizer: evaluating with another one would make the loss meaningless.
+    data = build_data(replace(run.cfg, **{"data.tokenizer.path": str(run_dir / "tokenizer.model")}))
     batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
     n = batches or run.cfg.train.eval_batches
     eval_batches = [

@@ -183,6 +183,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 3.0 * sum(_model_forward_terms(cfg, seq_len).values()) / seq_len
 
 
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token that the hardware executes as matmuls: the Chinchilla count less
+    its embedding term, which is a table lookup (a gather, no FLOPs). MFU and TFLOP/s use this
+    (PaLM, Chowdhery et al. 2022, appendix B); compute budgets keep Chinchilla's count."""
+    terms = _model_forward_terms(cfg, seq_len)
+    return 3.0 * (sum(terms.values()) - terms["embedding"]) / seq_len
+
+
 def six_n_flops_per_token(cfg: ModelConfig, include_embedding: bool = True) -> float:
     """The 6N approximation (Kaplan et al. 2020) with N the active parameters (all of them for a
     dense model); N without embeddings when `include_embedding` is False."""

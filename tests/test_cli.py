@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 
@@ -79,6 +80,6 @@ def test_changed_config_on_existing_run_dir_is_refused(tmp_path, tiny_overrides,
     assert (run / "config.yaml").read_text() == saved  # nothing saved was overwritten
 
 
-@pytest.mark.parametrize("all_configs", ["dense_tiny.yaml", "bench_cpu.yaml", "gpt2_small.yaml"])
-def test_shipped_configs_load(all_configs):
-    load_config(f"configs/{all_configs}")
+@pytest.mark.parametrize("path", sorted(str(p) for p in pathlib.Path("configs").glob("*.yaml")))
+def test_shipped_configs_load(path):
+    load_config(path)

@@ -34,6 +34,14 @@ def test_sharded_equals_unsharded(tmp_path, tiny_overrides):
     eight = load_config(None, tiny_overrides + [f"run_dir={tmp_path / 'eight'}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     summary = train(eight)
     assert summary["devices"] == 8
+    for key in ("final_eval_loss", "final_eval_bpb", "params_total", "params_non_embedding", "tokens", "train_flops",
+                "wall_time_s", "corpus_fingerprint", "lmjax_version", "jax_version"):
+        assert key in summary, key
+    assert summary["tokens"] == 6 * 16 * 32 and summary["train_flops"] == summary["flops_per_token"] * summary["tokens"]
+    records = [json.loads(line) for line in (tmp_path / "eight" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "tflops_per_sec", "mfu"):
+        assert all(key in r for r in records if "loss" in r), key
+    assert any("eval_loss" in r and "eval_bpb" in r for r in records)
     losses_one, losses_eight = read_losses(tmp_path / "one"), read_losses(tmp_path / "eight")
     assert sorted(losses_one)[:5] == [1, 2, 3, 4, 5]
     for step in range(1, 6):
@@ -130,6 +138,18 @@ def test_rerun_of_finished_run_is_a_no_op(resume_setup, capsys):
     assert read_losses(root / "reference") == ref_losses
 
 
+def test_eval_and_generate_read_a_finished_run(resume_setup, capsys):
+    root, _, _, _ = resume_setup
+    reference = root / "reference"
+    summary = json.loads((reference / "summary.json").read_text())
+    assert cli.main(["eval", str(reference)]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["step"] == 120
+    assert evaluated["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)  # same batches, same weights
+    assert cli.main(["generate", str(reference), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+
+
 def test_tiny_model_memorizes_a_batch():
     cfg = load_config(
         None,
@@ -170,12 +190,40 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_overrides):
         np.testing.assert_allclose(accum[step], full[step], rtol=1e-5)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, capsys):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, capsys, monkeypatch):
+    """A poisoned third batch (NaN loss mask) must stop the run at step 3 and keep checkpoint 2."""
+    import lmjax.train.loop as loop
+
+    real_build_data = loop.build_data
+
+    def poisoned_build_data(cfg):
+        data = real_build_data(cfg)
+        real_iterator = data.train_iterator
+
+        class Poisoned:
+            def __init__(self, inner):
+                self.inner, self.count = inner, 0
+
+            def __next__(self):
+                batch = dict(next(self.inner))
+                self.count += 1
+                if self.count == 3:
+                    batch["loss_mask"] = np.full_like(batch["loss_mask"], np.nan)
+                return batch
+
+            def __getattr__(self, name):  # get_state, set_state, close
+                return getattr(self.inner, name)
+
+        data.train_iterator = lambda *args: Poisoned(real_iterator(*args))
+        return data
+
+    monkeypatch.setattr(loop, "build_data", poisoned_build_data)
     run_dir = tmp_path / "nan"
-    # lr 1e30 with no clipping overflows the weights at the first update: the loss of step 2 is not finite.
-    overrides = tiny_overrides + [f"run_dir={run_dir}", "optim.lr=1e30", "optim.warmup_steps=0",
-                                  "optim.grad_clip=0", "optim.schedule=constant", "train.checkpoint_every=1", "train.steps=5"]
+    overrides = tiny_overrides + [f"run_dir={run_dir}", "train.checkpoint_every=1", "train.steps=5"]
     assert cli.main(["train", "configs/dense_tiny.yaml", *overrides]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: non-finite loss") and "at step 2" in err and "last good checkpoint: step 1" in err
-    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [1]
+    assert err.startswith("error: non-finite loss") and "at step 3" in err and "last good checkpoint: step 2" in err
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+    params = _final_params(run_dir)  # the kept checkpoint restores, and its weights are finite
+    assert all(np.isfinite(p).all() for p in params)
+    assert not (run_dir / "summary.json").exists()

@@ -154,7 +154,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encodes many texts at once on all cores available to this process."""
-        return self._sp.encode(list(texts), num_threads=len(os.sched_getaffinity(0)))
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # macOS has no affinity
+        return self._sp.encode(list(texts), num_threads=threads or 1)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

@@ -175,7 +175,11 @@ def plan_difference(plan: SweepPlan) -> str | None:
         existing = json.loads(path.read_text())
     except ValueError:
         raise SweepError(f"{path} is not valid JSON; move it away to start the sweep afresh") from None
-    return first_difference(existing, json.loads(json.dumps(plan.to_json())))
+    # What happens after the runs (fit settings, the held-out prediction) may change on a rerun:
+    # `lmjax sweep S.yaml predict.holdout_largest=true` on a finished sweep only adds the prediction.
+    after_runs = ("predict", "fit")
+    planned = {k: v for k, v in json.loads(json.dumps(plan.to_json())).items() if k not in after_runs}
+    return first_difference({k: v for k, v in existing.items() if k not in after_runs}, planned)
 
 
 def write_plan(plan: SweepPlan) -> Path:

@@ -17,13 +17,16 @@ from lmjax.errors import CheckpointError
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
+    def __init__(self, directory: str | Path, keep: int, async_save: bool = True, read_only: bool = False):
+        """`read_only` for readers (eval, generate): they never create, clean up or delete anything,
+        so they are safe to run beside a live training run."""
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            create=True,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # drop what a killed save left half-written
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=async_save and not read_only,
+            cleanup_tmp_directories=not read_only,  # a writer drops what a killed save left half-written
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 

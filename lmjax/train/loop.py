@@ -24,10 +24,11 @@ import jax
 
 import lmjax
 from lmjax import flops, sharding
-from lmjax.config import Config, ConfigError, load_yaml, save_config, to_dict
+from lmjax.config import Config, ConfigError, config_yaml, load_yaml, replace, to_dict
 from lmjax.data import build_data
 from lmjax.errors import NonFiniteLossError
 from lmjax.evaluate import eval_metrics, token_bytes_array
+from lmjax.fileio import write_text_atomic
 from lmjax.models import build_model
 from lmjax.train.checkpoint import Checkpointer
 from lmjax.train.metrics import MetricsLogger
@@ -55,9 +56,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Creates run_dir, or checks that an existing one holds the same run (so resuming is exact)."""
+    """Creates run_dir, or checks that one with progress holds the same run (so resuming is exact).
+
+    A run directory without checkpoints or metrics (a run that failed before its first step) may
+    be reused with a corrected config.
+    """
     saved_path = run_dir / "config.yaml"
-    if saved_path.exists():
+    has_progress = (run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("[0-9]*"))
+    if saved_path.exists() and has_progress:
         saved = _flatten(load_yaml(saved_path))
         current = _flatten(to_dict(cfg))
         for key in sorted(set(saved) | set(current)):
@@ -69,9 +75,20 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
                     f"{run_dir} holds a run with {key}={old!r}, this config has {new!r}; "
                     f"use another run_dir, or the same config to resume"
                 )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} is a file; expected a directory (or a path that does not exist)")
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        save_config(cfg, saved_path)
+        write_text_atomic(saved_path, config_yaml(cfg))
+
+
+def _completed_summary(run_dir: Path, steps: int) -> dict[str, Any] | None:
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return summary if summary.get("status") == "completed" and summary.get("steps") == steps else None
 
 
 class _StopSignal:
@@ -106,10 +123,18 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> dict[str, Any
     rules = sharding.axis_rules(cfg)
     prepare_run_dir(cfg, run_dir)
     is_main = jax.process_index() == 0
+    finished = _completed_summary(run_dir, cfg.train.steps)
+    if finished is not None:  # also when checkpoints/ was deleted to save disk
+        if is_main:
+            print(f"{run_dir}: already complete ({cfg.train.steps} steps)")
+        return finished
 
-    data = build_data(cfg)
-    if is_main:  # the run directory carries its tokenizer: generate/eval need nothing else
-        shutil.copyfile(data.tokenizer.path, run_dir / "tokenizer.model")
+    # The run directory carries its tokenizer: a resumed run (and eval/generate) reuse that file,
+    # so a cache wipe or a sentencepiece upgrade can never change the tokens mid-run.
+    run_tokenizer = run_dir / "tokenizer.model"
+    data = build_data(replace(cfg, **{"data.tokenizer.path": str(run_tokenizer)}) if run_tokenizer.exists() else cfg)
+    if is_main and not run_tokenizer.exists():
+        shutil.copyfile(data.tokenizer.path, run_tokenizer)
     model = build_model(cfg.model)
     factory = StateFactory(cfg, model, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -117,7 +142,8 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> dict[str, Any
 
     counts = flops.param_counts(cfg.model)
     seq_len, batch_size, steps = cfg.data.seq_len, cfg.data.global_batch_size, cfg.train.steps
-    flops_per_token = flops.flops_per_token(cfg.model, seq_len)
+    flops_per_token = flops.flops_per_token(cfg.model, seq_len)  # Chinchilla count: budgets, summary
+    model_flops_per_token = flops.model_flops_per_token(cfg.model, seq_len)  # matmul FLOPs: TFLOP/s, MFU
     tokens_per_step = batch_size * seq_len
     peak, peak_source = _device_peak(cfg.model.dtype)
     n_devices = mesh.devices.size
@@ -136,12 +162,6 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> dict[str, Any
     start_step = int(jax.device_get(state.step))
 
     summary_path = run_dir / "summary.json"
-    if start_step >= steps and summary_path.exists():
-        checkpointer.close()
-        summary = json.loads(summary_path.read_text())
-        if is_main:
-            print(f"{run_dir}: already complete ({steps} steps)")
-        return summary
 
     if is_main:
         shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
@@ -171,11 +191,14 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> dict[str, Any
     def finalize(step: int, metrics: Any) -> None:
         """Pulls step `step`'s metrics to the host (one step late: the device never waits)."""
         m = jax.device_get(metrics)
-        loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        loss, grad_norm, param_norm = float(m["loss"]), float(m["grad_norm"]), float(m["param_norm"])
+        # The updated parameters too: a checkpoint is only as good as the weights it holds.
+        if not (math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(param_norm)):
             good = checkpointer.latest_step()
             kept = f"last good checkpoint: step {good} in {checkpointer.directory}" if good is not None else "no checkpoint was saved"
-            raise NonFiniteLossError(f"non-finite loss ({loss}) or grad norm ({grad_norm}) at step {step}; {kept}")
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}), grad norm ({grad_norm}) or parameter norm ({param_norm}) at step {step}; {kept}"
+            )
         last["loss"] = loss
         now = time.perf_counter()
         if step % cfg.train.log_every == 0 or step == steps:
@@ -185,18 +208,21 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> dict[str, Any
                 "z_loss": float(m["z_loss"]),
                 "lr": float(schedule(step - 1)),
                 "grad_norm": grad_norm,
+                "param_norm": param_norm,
                 "tokens": step * tokens_per_step,
             }
             # Objective-specific metrics (e.g. moe/...): scalars as numbers, vectors as lists.
-            record.update({k: v.tolist() for k, v in m.items() if k not in ("loss", "z_loss", "grad_norm", "target_tokens")})
-            if window["time"] is not None:  # throughput once the first (compiling) step is behind
+            record.update({k: v.tolist() for k, v in m.items() if k not in ("loss", "z_loss", "grad_norm", "param_norm", "target_tokens")})
+            # Throughput once the first (compiling) step is behind; null until then.
+            record.update(tokens_per_sec=None, tflops_per_sec=None, mfu=None, step_time_s=None)
+            if window["time"] is not None:
                 seconds = now - window["time"]
                 tokens_per_sec = (step - window["step"]) * tokens_per_step / seconds
                 last["tokens_per_sec"] = tokens_per_sec
                 record.update(
                     tokens_per_sec=tokens_per_sec,
-                    tflops_per_sec=tokens_per_sec * flops_per_token / 1e12,
-                    mfu=tokens_per_sec * flops_per_token / (peak * n_devices),
+                    tflops_per_sec=tokens_per_sec * model_flops_per_token / 1e12,
+                    mfu=flops.mfu(tokens_per_sec / n_devices, model_flops_per_token, peak),
                     step_time_s=seconds / (step - window["step"]),
                 )
             logger.log(record)
@@ -263,12 +289,14 @@ def train(cfg: Config, devices: list[jax.Device] | None = None) -> dict[str, Any
         "devices": n_devices,
         "wall_time_s": wall_time,
         "corpus_fingerprint": data.fingerprint,
+        "data_skipped": data.stats["skipped"],
+        "model_flops_per_token": model_flops_per_token,
         "tokenizer": str(data.tokenizer.path),
         "lmjax_version": lmjax.__version__,
         "jax_version": jax.__version__,
     }
     if is_main:
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
         logger.write_summary(summary)
     logger.close()
     if is_main:

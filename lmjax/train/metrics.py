@@ -17,6 +17,7 @@ import jax
 from tqdm.auto import tqdm
 
 from lmjax.config import Config, to_dict
+from lmjax.fileio import write_text_atomic
 
 
 def _wandb_mode(setting: str) -> str:
@@ -68,8 +69,15 @@ class MetricsLogger:
         """On resume, drop lines logged after the checkpoint so the file has each step once."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_main:

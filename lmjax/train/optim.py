@@ -13,6 +13,13 @@ from lmjax.config import Config
 
 def make_schedule(cfg: Config) -> optax.Schedule:
     """Linear warmup from 0, then cosine / WSD (warmup-stable-decay) / constant, over train.steps."""
+    base = _base_schedule(cfg)
+    # optax evaluates the schedule at the count of updates already done (0 for the first), so
+    # shift by one: the first update uses peak/warmup (not 0) and the last one reaches the final lr.
+    return lambda count: base(count + 1)
+
+
+def _base_schedule(cfg: Config) -> optax.Schedule:
     o, steps = cfg.optim, cfg.train.steps
     warmup = min(o.warmup_steps, steps)
     peak, final = o.lr, o.lr * o.min_lr_ratio
@@ -31,23 +38,25 @@ def make_schedule(cfg: Config) -> optax.Schedule:
     )
 
 
-def decay_mask(boxed_params: Any, decay_embeddings: bool) -> Any:
-    """True for the parameters that get weight decay: weight matrices.
+# Leaf names of the parameters that never get weight decay, and of the embedding-like tables.
+NO_DECAY_NAMES = ("bias", "scale")
+TABLE_NAMES = ("embedding", "position_embedding", "unembed")
 
-    Read from the logical axis names: vectors (norm scales, biases) get no decay; neither do
-    tables indexed by token or position (a `vocab` axis, or an unnamed row axis such as the
-    learned position table), unless `decay_embeddings`.
+
+def decay_mask(boxed_params: Any, decay_embeddings: bool) -> Any:
+    """True for the parameters that get weight decay: weight matrices (kernels, experts, router).
+
+    Decided by the parameter's own name: norm scales and biases get none; token/position tables
+    and the untied output head get decay only with `decay_embeddings`.
     """
 
-    def is_decayed(leaf: Any) -> bool:
-        names = tuple(n for n in leaf.names if n != "layers") if isinstance(leaf, nn.LogicallyPartitioned) else ()
-        if len(names) < 2:
+    def is_decayed(path, _) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in NO_DECAY_NAMES:
             return False
-        is_table = "vocab" in names or None in names
-        return decay_embeddings or not is_table
+        return decay_embeddings or name not in TABLE_NAMES
 
-    mask = jax.tree_util.tree_map(is_decayed, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-    return mask
+    return jax.tree_util.tree_map_with_path(is_decayed, nn.unbox(boxed_params))
 
 
 def make_optimizer(cfg: Config, boxed_params: Any) -> optax.GradientTransformation:

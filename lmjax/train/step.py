@@ -115,6 +115,7 @@ def make_train_step(cfg: Config, model: nn.Module, factory: StateFactory, batch_
             "loss": sums["loss_sum"] / tokens,
             "z_loss": sums["z_loss_sum"] / tokens,
             "grad_norm": grad_norm,
+            "param_norm": optax.tree.norm(params),
             "target_tokens": sums["tokens"],
         }
         # Any other entry (e.g. `moe/...`) is a token-weighted sum: log its per-token average.
