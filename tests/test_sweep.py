@@ -99,11 +99,12 @@ def test_schedule_decays_to_ten_percent_over_exactly_the_run(planned):
         cfg, steps, warmup, peak = run.config, run.steps, run.warmup_steps, run.lr
         schedule = make_schedule(cfg)
         assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_steps == warmup
-        np.testing.assert_allclose(float(schedule(steps)), 0.1 * peak, rtol=1e-5)  # the horizon is the run
-        assert float(schedule(steps - 1)) > 0.1 * peak * (1 + 1e-4)  # ... and not shorter
+        # schedule(i - 1) is the lr of update i (optax passes the count of updates done so far).
+        np.testing.assert_allclose(float(schedule(steps - 1)), 0.1 * peak, rtol=1e-5)  # the horizon is the run
+        assert float(schedule(steps - 2)) > 0.1 * peak * (1 + 1e-4)  # ... and not shorter
         t = (warmup + steps) // 2
         cosine = 0.1 * peak + 0.9 * peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup)))
-        np.testing.assert_allclose(float(schedule(t)), cosine, rtol=1e-5)
+        np.testing.assert_allclose(float(schedule(t - 1)), cosine, rtol=1e-5)
 
 
 @pytest.mark.parametrize("vocab", [1024, 2048])
