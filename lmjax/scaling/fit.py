@@ -332,6 +332,7 @@ class FitResult:
     param_convention: str
     runs: list[RunRecord]
     largest_budget: float
+    largest_budget_6nd: float  # the same compute in Approach 3's C = 6ND units
     approach3: Approach3Fit | str  # the fit, or why it was skipped
     approach2: Approach2Fit | str
     approach3_samples: dict[str, np.ndarray]  # bootstrap resamples; empty without bootstrap
@@ -348,7 +349,7 @@ class FitResult:
         law = self.approach3.law
         out = {k: _estimate(getattr(law, k), self.approach3_samples.get(k))
                for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
-        out["tokens_per_param"] = _estimate(law.tokens_per_param(self.largest_budget),
+        out["tokens_per_param"] = _estimate(law.tokens_per_param(self.largest_budget_6nd),
                                             self.approach3_samples.get("tokens_per_param"))
         return out
 
@@ -385,14 +386,20 @@ def fit_scaling_laws(runs: list[RunRecord], param_convention: str = "total", see
             raise FitInputError(f"too few runs to fit: {approach3}; {approach2}")
     else:
         approach3 = fit_approach3(*(np.array([getattr(r, k) for r in runs]) for k in ("params", "tokens", "loss")))
-    largest_budget = max(group_by_budget(runs))
+    groups = group_by_budget(runs)
+    largest_budget = max(groups)
+    # The parametric law's compute-optimal formulas assume C = 6ND; budgets counted by lmjax.flops
+    # (attention, logits, embeddings) are k N D with k > 6 at small scale. Tokens per parameter are
+    # read at the largest budget's 6ND-equivalent compute, with k the geometric mean of its runs'.
+    ks = [r.flops / (r.params * r.tokens) for r in groups[largest_budget] if r.flops]
+    largest_budget_6nd = largest_budget * 6.0 / math.exp(np.mean(np.log(ks))) if ks else largest_budget
     rng_approach2, rng_approach3 = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     approach3_samples, approach2_samples = {}, {}
     if bootstrap and not isinstance(approach3, str):
-        approach3_samples = bootstrap_approach3(approach3, runs, bootstrap, largest_budget, rng_approach3)
+        approach3_samples = bootstrap_approach3(approach3, runs, bootstrap, largest_budget_6nd, rng_approach3)
     if bootstrap and not isinstance(approach2, str):
         approach2_samples = bootstrap_approach2(approach2, bootstrap, rng_approach2)
-    return FitResult(param_convention, runs, largest_budget, approach3, approach2,
+    return FitResult(param_convention, runs, largest_budget, largest_budget_6nd, approach3, approach2,
                      approach3_samples, approach2_samples)
 
 
