@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from lmjax.config import ModelConfig, MoEConfig
-from lmjax.models.layers import MLP, output_projection_std, partitioned_normal
+from lmjax.models.layers import MLP, output_projection_std, partitioned_normal, swiglu
 
 STATS = "moe_stats"  # name of the sown statistics in the 'intermediates' collection
 
@@ -125,7 +125,7 @@ def aux_loss_and_metrics(stats: dict[str, jax.Array], config: ModelConfig) -> tu
 
 
 def _swiglu_experts(x_EBCD: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
-    h_EBCF = jax.nn.silu(jnp.einsum("ebcd,edf->ebcf", x_EBCD, gate_EDF)) * jnp.einsum("ebcd,edf->ebcf", x_EBCD, up_EDF)
+    h_EBCF = swiglu(jnp.einsum("ebcd,edf->ebcf", x_EBCD, gate_EDF), jnp.einsum("ebcd,edf->ebcf", x_EBCD, up_EDF))
     return jnp.einsum("ebcf,efd->ebcd", h_EBCF, down_EFD)
 
 
@@ -156,7 +156,7 @@ def _grouped_swiglu(x_ND, experts_Nk, weights_Nk, gate_XDF, up_XDF, down_XFD, fi
     order_M = jnp.argsort(sort_key_M, stable=True)
     group_sizes_X = jnp.bincount(sort_key_M, length=n_local + 1)[:n_local].astype(jnp.int32)
     x_MD = x_ND[order_M // top_k]
-    h_MF = jax.nn.silu(jax.lax.ragged_dot(x_MD, gate_XDF, group_sizes_X)) * jax.lax.ragged_dot(x_MD, up_XDF, group_sizes_X)
+    h_MF = swiglu(jax.lax.ragged_dot(x_MD, gate_XDF, group_sizes_X), jax.lax.ragged_dot(x_MD, up_XDF, group_sizes_X))
     y_sorted_MD = jax.lax.ragged_dot(h_MF, down_XFD, group_sizes_X)
     # Rows past the last local group belong to no group; zero them whatever the kernel leaves there.
     in_group_M = jnp.arange(order_M.shape[0]) < jnp.sum(group_sizes_X)
