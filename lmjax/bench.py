@@ -11,6 +11,7 @@ and time to first step.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
@@ -111,6 +112,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, out: str | None = N
         "timed_steps": steps,
         "final_loss": float(metrics["loss"]),
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "mesh": dict(mesh.shape),
         "jax_version": jax.__version__,
         "lmjax_version": lmjax.__version__,

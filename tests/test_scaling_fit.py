@@ -163,7 +163,7 @@ def test_approach2_skipped_without_budgets_while_approach3_remains_fittable():
 
 def write_run(run_dir, loss, params, tokens, status="completed", tied=True, **extra):
     run_dir.mkdir(parents=True)
-    summary = {"status": status, "final_eval_loss": loss, "params_total": params,
+    summary = {"status": status, "final_eval_loss": loss, "params_total": params, "params_active": params,
                "params_non_embedding": params - 1000, "params_output_head": 0 if tied else 500,
                "tokens": tokens, "train_flops": 6.2 * params * tokens, **extra}
     (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -203,8 +203,8 @@ def test_run_dirs_param_conventions(tmp_path):
     write_run(tmp_path / "untied", 2.9, 5500, 1e6, tied=False, budget=1e12)
     dirs = [tmp_path / "tied", tmp_path / "untied"]
     counts = {convention: [r.params for r in load_run_table(dirs, convention).runs]
-              for convention in ("total", "non_embedding", "non_embedding_with_head")}
-    assert counts["total"] == [5000, 5500]
+              for convention in ("total", "non_embedding", "non_embedding_with_head", "active")}
+    assert counts["total"] == counts["active"] == [5000, 5500]  # dense: a token uses every parameter
     assert counts["non_embedding"] == [4000, 4500]
     # Tied: the head is the token table, vocab x d_model = 200 from config.yaml. Untied: flops.py
     # already counts the head inside non_embedding.

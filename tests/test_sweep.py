@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lmjax.config import ConfigError, ModelConfig, load_config
+from lmjax.config import ConfigError, ModelConfig, MoEConfig, load_config
 from lmjax.scaling import plan as planlib
 from lmjax.scaling.sweep import (
     Executor, InProcessExecutor, LocalExecutor, SweepError, sweep_command, write_plan,
@@ -131,6 +131,14 @@ def test_param_conventions_count_the_head_as_documented():
     assert planlib.count_params(tied, "non_embedding_with_head") == body + 64_000
     assert planlib.count_params(untied, "total") == body + 128_000
     assert planlib.count_params(untied, "non_embedding_with_head") == body + 64_000
+    assert planlib.count_params(tied, "active") == body + 64_000
+    # MoE, 4 experts of width 32, top-2, in both layers: a token uses the router [64, 4] and two
+    # experts, i.e. a SwiGLU of width 64; the model holds all four (width 128).
+    moe = ModelConfig(family="moe", vocab_size=1000, d_model=64, n_layers=2, n_heads=2, d_ff=128,
+                      moe=MoEConfig(n_experts=4, top_k=2, d_ff_expert=32))
+    router = 2 * 64 * 4
+    assert planlib.count_params(moe, "active") == reference_llama_params(64, 2, 2, 2, 64, 1000) + router
+    assert planlib.count_params(moe, "total") == reference_llama_params(64, 2, 2, 2, 128, 1000) + router
 
 
 @pytest.mark.parametrize("change, message", [

@@ -7,6 +7,8 @@ mkdir -p "$out"
 lmjax=${LMJAX:-.venv/bin/lmjax}
 "$lmjax" bench configs/dense_tiny.yaml logging.wandb=off --steps 20 --out "$out/dense_tiny_cpu.json"
 "$lmjax" bench configs/bench_cpu.yaml logging.wandb=off --steps 10 --out "$out/bench_cpu.json"
+# Ablation: full rematerialisation (recompute every block in the backward pass).
+"$lmjax" bench configs/bench_cpu.yaml logging.wandb=off model.remat=full --steps 10 --out "$out/bench_cpu_remat_full.json"
 # Compile time against depth: scanned layers stay flat, an unrolled Python loop grows.
 for layers in 4 32; do
   for scan in true false; do

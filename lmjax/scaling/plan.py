@@ -116,12 +116,15 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def count_params(model: ModelConfig, convention: str) -> int:
-    """N under a convention; `non_embedding_with_head` adds a tied output head (an untied one is already in)."""
+    """N under a convention; `non_embedding_with_head` adds a tied output head (an untied one is already in);
+    `active` counts what one token uses (MoE: router, shared and top-k routed experts)."""
     counts = flops.param_counts(model)
     if convention == "total":
         return counts["total"]
     if convention == "non_embedding":
         return counts["non_embedding"]
+    if convention == "active":  # = total for dense models; MoE: only the top-k routed experts
+        return counts["active"]
     if convention == "non_embedding_with_head":
         return counts["non_embedding"] + (0 if counts["output_head"] else model.vocab_size * model.d_model)
     raise ConfigError(f"param_convention: expected one of {', '.join(PARAM_CONVENTIONS)}, got {convention!r}")

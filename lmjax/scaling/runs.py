@@ -24,7 +24,7 @@ import yaml
 
 from lmjax.errors import UserError
 
-PARAM_CONVENTIONS = ("total", "non_embedding", "non_embedding_with_head")
+PARAM_CONVENTIONS = ("total", "non_embedding", "non_embedding_with_head", "active")
 _REQUIRED_CSV_COLUMNS = ("params", "tokens", "loss")
 _OPTIONAL_CSV_NUMBERS = ("flops", "budget", "lr")
 _SUMMARY_KEYS = ("final_eval_loss", "params_total", "params_non_embedding", "params_output_head", "tokens")
@@ -205,6 +205,11 @@ def _param_count(summary: dict, param_convention: str, run_dir: Path) -> float:
     """
     if param_convention == "total":
         return summary["params_total"]
+    if param_convention == "active":  # what one token uses: MoE counts only the top-k experts
+        if "params_active" not in summary:
+            raise FitInputError(f"{run_dir}/summary.json: param_convention 'active' needs params_active, "
+                                "which this run's summary lacks (written by an older lmjax)")
+        return summary["params_active"]
     if param_convention == "non_embedding" or summary["params_output_head"] > 0:
         return summary["params_non_embedding"]
     config_path = run_dir / "config.yaml"
