@@ -63,6 +63,12 @@ def plot_isoflop(result: FitResult, figure: Figure) -> None:
     axes.legend(fontsize=7)
 
 
+def _six_nd_per_counted_flop(result: FitResult) -> float:
+    """Approach 3's allocation assumes C = 6ND; the x axes are FLOPs counted by lmjax.flops (k N D
+    with k > 6). Convert with the largest budget's ratio so the lines sit over the runs."""
+    return result.largest_budget_6nd / result.largest_budget if result.largest_budget else 1.0
+
+
 def plot_loss_vs_compute(result: FitResult, figure: Figure) -> None:
     axes = figure.add_subplot()
     groups = group_by_budget(result.runs)
@@ -78,7 +84,8 @@ def plot_loss_vs_compute(result: FitResult, figure: Figure) -> None:
         computes = [run_compute(r) for r in result.runs]
         c_grid = np.geomspace(min(computes) / 2, max(computes) * 2, 200)
         law = result.approach3.law
-        axes.plot(c_grid, law.loss(*law.compute_optimal(c_grid)), color="C3", label="Approach 3 frontier (C = 6ND)")
+        axes.plot(c_grid, law.loss(*law.compute_optimal(c_grid * _six_nd_per_counted_flop(result))), color="C3",
+                  label="Approach 3 frontier")
     axes.set(xscale="log", xlabel="training compute C (FLOPs)", ylabel="final eval loss", title="Loss vs compute")
     axes.legend(fontsize=7)
 
@@ -87,7 +94,7 @@ def _anchor(result: FitResult, c_grid: np.ndarray) -> tuple[float, float, float]
     """(C, N, D) through which the published exponents are drawn: mid-range on the fitted lines."""
     c_mid = float(np.sqrt(c_grid[0] * c_grid[-1]))
     if not isinstance(result.approach3, str):
-        n_mid, d_mid = result.approach3.law.compute_optimal(c_mid)
+        n_mid, d_mid = result.approach3.law.compute_optimal(c_mid * _six_nd_per_counted_flop(result))
         return c_mid, float(n_mid), float(d_mid)
     if not isinstance(result.approach2, str):
         fit = result.approach2
@@ -117,7 +124,7 @@ def plot_optimal_scaling(result: FitResult, figure: Figure) -> None:
                       label=f"Approach 2 fit, exponent {exponent:.3f}")
     if not isinstance(result.approach3, str):
         law = result.approach3.law
-        n_line, d_line = law.compute_optimal(c_grid)
+        n_line, d_line = law.compute_optimal(c_grid * _six_nd_per_counted_flop(result))
         axes_n.plot(c_grid, n_line, color="C3", label=f"Approach 3, a = {law.a:.3f}")
         axes_d.plot(c_grid, d_line, color="C3", label=f"Approach 3, b = {law.b:.3f}")
     anchor = _anchor(result, c_grid)
