@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +122,24 @@ def test_bootstrap_is_deterministic_and_covers_truth():
     np.testing.assert_array_equal(first["a"], again["a"])
     low, high = np.nanpercentile(first["a"], [2.5, 97.5])
     assert low < A_TRUE < high and high - low < 0.1
+
+
+def test_bootstrap_survives_degenerate_resamples():
+    # Real runs (the three smaller budgets of experiments/chinchilla_cpu) on which one resample's
+    # optimum has log A ~ 300: exp(A) overflowed and used to crash the fit. Such a sample must
+    # drop out of A's interval while its exponents count, and every finite sample must agree with
+    # ScalingLaw's own formulas.
+    runs = load_run_table(Path(__file__).parent / "data" / "chinchilla_cpu_three_budgets.csv").runs
+    result = fitlib.fit_scaling_laws(runs, bootstrap=200)
+    samples = result.approach3_samples
+    assert (~np.isfinite(samples["A"])).sum() >= 1 and np.isfinite(samples["a"]).all()
+    finite = np.flatnonzero(np.isfinite(samples["A"]) & np.isfinite(samples["B"]))
+    for i in finite[:20]:
+        law = fitlib.ScalingLaw(*(samples[k][i] for k in ("E", "A", "B", "alpha", "beta")))
+        assert samples["tokens_per_param"][i] == pytest.approx(law.tokens_per_param(result.largest_budget_6nd), rel=1e-6)
+        assert samples["a"][i] == pytest.approx(law.a)
+    estimate = result.to_json()["approach3"]["A"]
+    assert np.isfinite(estimate["ci_high"]) and estimate["ci_low"] <= estimate["value"] <= estimate["ci_high"]
 
 
 # ----------------------------------------------------------------------------- bad input

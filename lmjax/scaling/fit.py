@@ -45,7 +45,9 @@ class ScalingLaw:
     @classmethod
     def from_theta(cls, theta: np.ndarray) -> ScalingLaw:
         a, b, e, alpha, beta = (float(v) for v in theta)
-        return cls(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
+        with np.errstate(over="ignore"):  # a degenerate optimum (log A in the hundreds) gives A = inf, not a crash
+            E, A, B = (float(np.exp(v)) for v in (e, a, b))
+        return cls(E=E, A=A, B=B, alpha=alpha, beta=beta)
 
     @property
     def a(self) -> float:
@@ -318,9 +320,17 @@ def bootstrap_approach3(fit: Approach3Fit, runs: list[RunRecord], n_resamples: i
     picks = rng.integers(0, len(runs), (n_resamples, len(runs))).repeat(len(starts), axis=0)
     ends, values = minimise_from(np.tile(starts, (n_resamples, 1)), *(v[picks] for v in log_data))
     best = values.reshape(n_resamples, len(starts)).argmin(axis=1) + np.arange(n_resamples) * len(starts)
-    laws = [ScalingLaw.from_theta(theta) for theta in ends[best]]
-    samples = {k: np.array([getattr(law, k) for law in laws]) for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
-    samples["tokens_per_param"] = np.array([law.tokens_per_param(largest_budget) for law in laws])
+    # In log space, vectorised: a resample can land on a degenerate optimum (log A in the
+    # hundreds with a matching alpha: A / N^alpha stays finite, A itself overflows). Such samples
+    # give inf for A or B, which the intervals leave out, and finite exponents, which they keep.
+    log_a, log_b, log_e, alpha, beta = ends[best].T
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        a_exp, b_exp = beta / (alpha + beta), alpha / (alpha + beta)
+        log_g = (np.log(alpha) + log_a - np.log(beta) - log_b) / (alpha + beta)
+        samples = {"E": np.exp(log_e), "A": np.exp(log_a), "B": np.exp(log_b), "alpha": alpha, "beta": beta,
+                   "a": a_exp, "b": b_exp,
+                   # D_opt / N_opt = (C/6)^(b - a) / G^2 (ScalingLaw.compute_optimal)
+                   "tokens_per_param": np.exp((b_exp - a_exp) * np.log(largest_budget / 6.0) - 2 * log_g)}
     return samples
 
 
