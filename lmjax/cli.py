@@ -34,8 +34,10 @@ def _load(args) -> "Config":  # noqa: F821
 def _set_cpu_xla_defaults() -> None:
     """XLA:CPU runs the train step ~5-10% faster with its Eigen matmuls than with the YNNPACK
     fusions (experiments/bench/README.md). Read when the backend starts, so set before first use;
-    an XLA_FLAGS that already mentions the option wins."""
+    an XLA_FLAGS that already mentions the option wins, and LMJAX_XLA_CPU_DEFAULTS=off keeps XLA's own."""
     flags = os.environ.get("XLA_FLAGS", "")
+    if os.environ.get("LMJAX_XLA_CPU_DEFAULTS", "").lower() in ("0", "off", "false"):
+        return
     if "xla_cpu_experimental_ynn_fusion_type" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_experimental_ynn_fusion_type=".strip()
 

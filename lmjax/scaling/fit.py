@@ -92,7 +92,8 @@ def huber_objective(theta_Kx5: np.ndarray, log_n_KxR: np.ndarray, log_d_KxR: np.
     total = w_n + w_d + w_e
     residual = shift + np.log(total) - log_loss_KxR
     abs_residual = np.abs(residual)
-    value_K = np.where(abs_residual <= delta, 0.5 * residual**2, delta * (abs_residual - 0.5 * delta)).sum(-1)
+    with np.errstate(over="ignore"):  # far-off line-search trials: the unused square branch may overflow
+        value_K = np.where(abs_residual <= delta, 0.5 * residual**2, delta * (abs_residual - 0.5 * delta)).sum(-1)
     # d Huber / d residual, times the softmax weights (d LSE / d term).
     slope = np.clip(residual, -delta, delta) / total
     g_n, g_d = slope * w_n, slope * w_d
