@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lmjax.errors import UserError
+from lmjax.scaling.runs import PARAM_CONVENTIONS  # light: csv, json, yaml
 
 EXIT_USER_ERROR = 2
 
@@ -109,9 +110,13 @@ def cmd_sweep(args) -> int:
 
 def cmd_fit(args) -> int:
     from lmjax.scaling.report import run_fit
+    from lmjax.scaling.runs import load_run_table
+    from lmjax.scaling.sweep import print_fit
 
     sources = args.source if len(args.source) > 1 else args.source[0]
-    run_fit(sources, out_dir=args.out, param_convention=args.param_convention, bootstrap=args.bootstrap)
+    out = Path(args.out) if args.out else load_run_table(sources, args.param_convention).default_out_dir
+    fit = run_fit(sources, out_dir=out, param_convention=args.param_convention, bootstrap=args.bootstrap)
+    print_fit(fit, out)
     return 0
 
 
@@ -166,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit scaling laws (Chinchilla approaches 2 and 3) to finished runs")
     p.add_argument("source", nargs="+", help="sweep directory, run directories, or a CSV with params,tokens,loss")
     p.add_argument("--out", default=None, help="output folder (default: beside the source)")
-    p.add_argument("--param-convention", default="total", choices=["total", "non_embedding", "non_embedding_with_head"])
+    p.add_argument("--param-convention", default="total", choices=PARAM_CONVENTIONS)
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for confidence intervals")
     p.set_defaults(func=cmd_fit)
     return parser

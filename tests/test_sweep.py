@@ -14,6 +14,7 @@ import yaml
 
 from lmjax.config import ConfigError, ModelConfig, MoEConfig, load_config
 from lmjax.scaling import plan as planlib
+from lmjax.scaling.report import run_fit
 from lmjax.scaling.sweep import (
     Executor, InProcessExecutor, LocalExecutor, SweepError, sweep_command, write_plan,
 )
@@ -253,6 +254,10 @@ def test_interrupted_sweep_resumes_to_the_same_results_without_retraining(tmp_pa
     assert final_losses(sweep_dir) == expected  # bit for bit, the resumed half-finished run included
     fits = [json.loads((tmp_path / d / "sweep" / "fit.json").read_text()) for d in ("whole", "interrupted")]
     assert fits[0]["n_runs"] == 6 and fits[0] == fits[1]
+    # runs.csv holds the fitted runs: refitting from it alone gives the same fit.
+    refit = run_fit(sweep_dir / "runs.csv", out_dir=tmp_path / "refit", seed=0, bootstrap=0)
+    assert refit["approach3"]["a"]["value"] == pytest.approx(fits[1]["approach3"]["a"]["value"], rel=1e-9)
+    assert refit["n_runs"] == 6
     assert "1 of 6 runs already finished" in capsys.readouterr().out
 
 

@@ -9,6 +9,7 @@ lmjax=${LMJAX:-.venv/bin/lmjax}
 "$lmjax" bench configs/bench_cpu.yaml logging.wandb=off --steps 10 --out "$out/bench_cpu.json"
 # The MoE-vs-dense pair of experiments/moe_vs_dense (dense_tiny above is its dense side).
 "$lmjax" bench configs/moe_tiny.yaml logging.wandb=off --steps 20 --out "$out/moe_tiny_cpu.json"
+"$lmjax" bench configs/moe_tiny.yaml logging.wandb=off model.moe.dispatch=dropless --steps 20 --out "$out/moe_tiny_dropless_cpu.json"
 # Ablation: full rematerialisation (recompute every block in the backward pass).
 "$lmjax" bench configs/bench_cpu.yaml logging.wandb=off model.remat=full --steps 10 --out "$out/bench_cpu_remat_full.json"
 # Compile time against depth: scanned layers stay flat, an unrolled Python loop grows.

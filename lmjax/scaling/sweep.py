@@ -324,7 +324,7 @@ def print_prediction(p: dict[str, Any], sweep_dir: Path) -> None:
 def sweep_command(sweep_path: str, overrides: list[str], plan_only: bool, executor: Executor | None = None) -> int:
     """`lmjax sweep SWEEP.yaml [overrides] [--plan-only]`: 0 when every run finished and the fit was made."""
     from lmjax.scaling.report import run_fit
-    from lmjax.scaling.runs import FitInputError
+    from lmjax.scaling.runs import FitInputError, load_run_table
 
     sweep, base_dir = load_sweep(sweep_path, overrides)
     plan = plan_sweep(sweep, base_dir)
@@ -348,6 +348,8 @@ def sweep_command(sweep_path: str, overrides: list[str], plan_only: bool, execut
     try:
         fit = run_fit(plan.sweep_dir, param_convention=sweep.param_convention, seed=sweep.fit.seed,
                       bootstrap=sweep.fit.bootstrap)
+        # The fitted runs as a table: `lmjax fit sweep_dir/runs.csv` refits without the run folders.
+        _write_runs_csv(plan.sweep_dir / "runs.csv", load_run_table(plan.sweep_dir, sweep.param_convention).runs)
         print_fit(fit, plan.sweep_dir)
         if sweep.predict.holdout_largest:
             print_prediction(predict_holdout(plan), plan.sweep_dir)
