@@ -65,7 +65,12 @@ def is_validation(text: str, val_fraction: float) -> bool:
 def builtin_corpus_files() -> tuple[Path, list[Path]]:
     """(stdlib root, sorted `*.py` files of the running interpreter's standard library)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if p.is_file() and not _EXCLUDED_STDLIB_DIRS & set(p.relative_to(root).parts)]
+    files = []
+    for folder, subfolders, names in os.walk(root):  # like rglob: symlinked folders are not followed
+        # Prune excluded folders instead of walking them (site-packages can be large): every run
+        # lists the corpus before it finds its cached tokens.
+        subfolders[:] = [d for d in subfolders if d not in _EXCLUDED_STDLIB_DIRS]
+        files += [Path(folder, n) for n in names if n.endswith(".py") and os.path.isfile(os.path.join(folder, n))]
     if not files:
         raise DataError(f"built-in corpus: no *.py files under the standard library at {root}; set data.paths")
     return root, sorted(files)
