@@ -114,8 +114,9 @@ def cmd_fit(args) -> int:
     from lmjax.scaling.sweep import print_fit
 
     sources = args.source if len(args.source) > 1 else args.source[0]
-    out = Path(args.out) if args.out else load_run_table(sources, args.param_convention).default_out_dir
-    fit = run_fit(sources, out_dir=out, param_convention=args.param_convention, bootstrap=args.bootstrap)
+    table = load_run_table(sources, args.param_convention)
+    out = Path(args.out) if args.out else table.default_out_dir
+    fit = run_fit(sources, out_dir=out, param_convention=args.param_convention, bootstrap=args.bootstrap, table=table)
     print_fit(fit, out)
     return 0
 

@@ -224,9 +224,8 @@ def _swiglu_fwd(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Ar
 
 def _swiglu_bwd(residuals: tuple[jax.Array, jax.Array], d_out: jax.Array) -> tuple[jax.Array, jax.Array]:
     gate, up = residuals
-    sig = jax.nn.sigmoid(gate.astype(jnp.float32))
-    gate32 = gate.astype(jnp.float32)
-    d32 = d_out.astype(jnp.float32)
+    gate32, d32 = gate.astype(jnp.float32), d_out.astype(jnp.float32)
+    sig = jax.nn.sigmoid(gate32)
     # d silu(g)/dg = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
     d_gate = d32 * up.astype(jnp.float32) * sig * (1 + gate32 * (1 - sig))
     d_up = d32 * gate32 * sig

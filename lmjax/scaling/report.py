@@ -17,12 +17,14 @@ PUBLISHED = {"a": "0.49 / 0.46", "b": "0.51 / 0.54", "tokens_per_param": "about 
 
 
 def run_fit(source: str | os.PathLike | list, out_dir: str | os.PathLike | None = None,
-            param_convention: str = "total", seed: int = 0, bootstrap: int = 200) -> dict:
+            param_convention: str = "total", seed: int = 0, bootstrap: int = 200,
+            table: RunTable | None = None) -> dict:
     """Fits the runs of `source`; writes fit.json, report.md and the four PNGs; returns fit.json's dict.
 
-    out_dir defaults to the sweep or run directory, or the CSV's folder.
+    out_dir defaults to the sweep or run directory, or the CSV's folder. `table`: the source's runs
+    when the caller has loaded them already (`load_run_table(source, param_convention)`).
     """
-    table = load_run_table(source, param_convention)
+    table = table if table is not None else load_run_table(source, param_convention)
     result = fit_scaling_laws(table.runs, param_convention=param_convention, seed=seed, bootstrap=bootstrap)
     out = Path(out_dir) if out_dir is not None else table.default_out_dir
     out.mkdir(parents=True, exist_ok=True)

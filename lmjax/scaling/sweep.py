@@ -268,8 +268,9 @@ def _write_runs_csv(path: Path, runs) -> None:
             writer.writerow([run.name, *("" if getattr(run, c) is None else repr(getattr(run, c)) for c in numbers)])
 
 
-def predict_holdout(plan: SweepPlan) -> dict[str, Any]:
-    """Fits all budgets but the largest, predicts the largest's optimal loss, compares with its best run.
+def predict_holdout(plan: SweepPlan, runs: list) -> dict[str, Any]:
+    """Fits all budgets but the largest of `runs` (the sweep's RunRecords), predicts the largest's optimal
+    loss, compares with its best run.
 
     The law's compute-optimal allocation assumes C = 6ND; the held-out budget is converted to that
     convention with the FLOPs per parameter-token k of its best run (C_6ND = 6 C / k), so the
@@ -277,11 +278,10 @@ def predict_holdout(plan: SweepPlan) -> dict[str, Any]:
     """
     from lmjax.scaling.fit import ScalingLaw, predict
     from lmjax.scaling.report import run_fit
-    from lmjax.scaling.runs import FitInputError, load_run_table
+    from lmjax.scaling.runs import FitInputError
 
     sweep = plan.sweep
     largest = max(sweep.budgets)
-    runs = load_run_table(plan.sweep_dir, sweep.param_convention).runs
     held = [r for r in runs if r.budget is not None and math.isclose(r.budget, largest, rel_tol=1e-9)]
     if not held:
         raise FitInputError(f"prediction: no completed run at the held-out budget C={format_number(largest)}")
@@ -346,13 +346,14 @@ def sweep_command(sweep_path: str, overrides: list[str], plan_only: bool, execut
     for name, reason in failures.items():
         print(f"failed: {name}: {reason}", file=sys.stderr)
     try:
+        table = load_run_table(plan.sweep_dir, sweep.param_convention)
         fit = run_fit(plan.sweep_dir, param_convention=sweep.param_convention, seed=sweep.fit.seed,
-                      bootstrap=sweep.fit.bootstrap)
+                      bootstrap=sweep.fit.bootstrap, table=table)
         # The fitted runs as a table: `lmjax fit sweep_dir/runs.csv` refits without the run folders.
-        _write_runs_csv(plan.sweep_dir / "runs.csv", load_run_table(plan.sweep_dir, sweep.param_convention).runs)
+        _write_runs_csv(plan.sweep_dir / "runs.csv", table.runs)
         print_fit(fit, plan.sweep_dir)
         if sweep.predict.holdout_largest:
-            print_prediction(predict_holdout(plan), plan.sweep_dir)
+            print_prediction(predict_holdout(plan, table.runs), plan.sweep_dir)
     except FitInputError as err:
         print(f"fit: {err}", file=sys.stderr)
         return 1
