@@ -27,8 +27,7 @@ from lmjax import flops, sharding
 from lmjax.config import Config, to_dict
 from lmjax.data import build_data
 from lmjax.errors import UserError
-from lmjax.models import build_model
-from lmjax.train.step import StateFactory, make_train_step
+from lmjax.train.step import ModelSetup
 
 
 def _peak_memory() -> tuple[int, str]:
@@ -46,18 +45,15 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, out: str | None = N
     process_start = time.perf_counter()
     # Compile time is measured cold: a hit in the persistent cache would time a file read.
     jax.config.update("jax_enable_compilation_cache", False)
-    mesh = sharding.make_mesh(cfg)
-    data = build_data(cfg)
-    model = build_model(cfg.model)
-    rules = sharding.axis_rules(cfg)
-    factory = StateFactory(cfg, model, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
+    setup = ModelSetup.build(cfg)
+    mesh = setup.mesh
+    data = build_data(cfg, setup.task.layout)
     train_iter = data.train_iterator(jax.process_index(), jax.process_count())
-    batches = [sharding.host_batch_to_global(next(train_iter), batch_sharding) for _ in range(min(4, steps + warmup))]
+    batches = [setup.global_batch(next(train_iter)) for _ in range(min(4, steps + warmup))]
 
-    with sharding.activate(mesh, rules):
-        state = factory.create(cfg.seed)
-        step_fn = make_train_step(cfg, model, factory, batch_sharding)
+    with sharding.activate(mesh, setup.rules):
+        state = setup.factory.create(cfg.seed)
+        step_fn = setup.train_step()
         t0 = time.perf_counter()
         compiled = step_fn.lower(state, batches[0]).compile()
         compile_time = time.perf_counter() - t0
@@ -111,6 +107,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, out: str | None = N
         "data_headroom": data_batches_per_sec * step_time,  # > 1: the pipeline outpaces the step
         "timed_steps": steps,
         "final_loss": float(metrics["loss"]),
+        "model_family": cfg.model.family,
+        "objective": setup.task.name,
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),

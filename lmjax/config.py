@@ -63,11 +63,19 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # `family` selects the model class (the Levanter-style `type:` key); more families arrive
-    # with the MoE / encoder / T5 issues.
-    family: str = _choices("dense", "moe", default="dense")
-    # llama: RMSNorm, RoPE, SwiGLU, no biases. gpt2: LayerNorm, learned positions, GELU MLP.
-    style: str = _choices("llama", "gpt2", default="llama")
+    # `family` selects the model class (the Levanter-style `type:` key): dense and moe are
+    # decoder-only LMs (lmjax/models/decoder.py), encoder a BERT-style masked LM (encoder.py).
+    family: str = _choices("dense", "moe", "encoder", default="dense")
+    # A preset of layer choices. llama: RMSNorm, RoPE, SwiGLU, no biases. gpt2: LayerNorm, learned
+    # positions, GELU (tanh approximation) MLP, biases. bert: as gpt2 with the exact (erf) GELU and
+    # post-norm blocks (Devlin et al. 2019).
+    style: str = _choices("llama", "gpt2", "bert", default="llama")
+    # auto: RoPE for llama style, a learned position table otherwise.
+    positions: str = _choices("auto", "rope", "learned", default="auto")
+    # auto: post for bert style (x = norm(x + f(x)), BERT), pre otherwise (x = x + f(norm(x))).
+    # Decoders are pre-norm only.
+    norm_position: str = _choices("auto", "pre", "post", default="auto")
+    type_vocab_size: int = 0  # encoder: token-type (segment A/B) embeddings; 0 = none, BERT: 2
     vocab_size: int = 4096
     d_model: int = 256
     n_layers: int = 4
@@ -101,6 +109,24 @@ class ModelConfig:
     @property
     def mlp_matrices(self) -> int:
         return 3 if self.style == "llama" else 2
+
+    @property
+    def use_rope(self) -> bool:
+        return self.positions == "rope" or (self.positions == "auto" and self.style == "llama")
+
+    @property
+    def post_norm(self) -> bool:
+        return self.norm_position == "post" or (self.norm_position == "auto" and self.style == "bert")
+
+    @property
+    def use_bias(self) -> bool:
+        """Biases in every projection and LayerNorm (instead of RMSNorm) in gpt2 and bert style."""
+        return self.style != "llama"
+
+    @property
+    def expert_d_ff(self) -> int:
+        """Width of one routed (and one shared) expert of an MoE layer."""
+        return self.moe.d_ff_expert if self.moe.d_ff_expert is not None else self.d_ff
 
 
 @dataclass(frozen=True)
@@ -155,7 +181,20 @@ class TrainConfig:
     keep_checkpoints: int = 3
     microbatches: int = 1  # gradient accumulation: global batch split in this many parts
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2) (PaLM); 0 disables
-    objective: str = _choices("causal_lm", default="causal_lm")
+    # What is trained (lmjax/tasks/): causal_lm (next token, decoder families) or mlm (masked
+    # tokens, the encoder family).
+    objective: str = _choices("causal_lm", "mlm", default="causal_lm")
+
+
+@dataclass(frozen=True)
+class MLMConfig:
+    """Masked-LM corruption (`train.objective: mlm`, lmjax/data/masking.py), BERT's recipe by default."""
+
+    mask_prob: float = 0.15  # fraction of non-special tokens (or words) selected for prediction
+    mask_token_fraction: float = 0.8  # of the selected: replaced by <mask>
+    random_token_fraction: float = 0.1  # of the selected: replaced by a random regular token; the rest stay
+    whole_word: bool = False  # select whole words (all pieces of a word together), not pieces
+    mask_token: str = "<mask>"  # a special token of the tokenizer (data.tokenizer.special_tokens)
 
 
 @dataclass(frozen=True)
@@ -198,6 +237,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)  # read when train.objective is mlm
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -364,6 +404,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return convert(dataclasses.asdict(cfg))
 
 
+def flatten_dotted(tree: Any, where: str = "config", prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}, 'data.seq_len': 64} -> {'optim.lr': 1, 'data.seq_len': 64}."""
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys, got {tree!r}")
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_dotted(value, where, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
@@ -405,8 +460,35 @@ def validate(cfg: Config) -> None:
         _positive(m.head_dim, "model.head_dim")
     if m.attention == "cudnn" and m.dtype != "bfloat16":
         raise ConfigError(f"model.attention=cudnn needs model.dtype=bfloat16 (cuDNN flash attention has no float32 kernel), got {m.dtype}")
-    if m.style == "llama" and m.head_size % 2:
+    if m.use_rope and m.head_size % 2:
         raise ConfigError(f"model.head_dim ({m.head_size}) must be even for RoPE")
+    _positive(m.type_vocab_size, "model.type_vocab_size", allow_zero=True)
+    if m.family != "encoder":
+        if m.post_norm:
+            raise ConfigError(f"model.norm_position=post needs model.family=encoder (decoders are pre-norm), got family {m.family}")
+        if m.type_vocab_size:
+            raise ConfigError(f"model.type_vocab_size needs model.family=encoder, got family {m.family}")
+    objective_families = {"causal_lm": ("dense", "moe"), "mlm": ("encoder",)}
+    if m.family not in objective_families[t.objective]:
+        raise ConfigError(
+            f"train.objective={t.objective} needs model.family {' or '.join(objective_families[t.objective])}, got {m.family}"
+        )
+    if t.objective == "mlm":
+        k = cfg.mlm
+        if not 0.0 < k.mask_prob < 1.0:
+            raise ConfigError(f"mlm.mask_prob must be in (0, 1), got {k.mask_prob}")
+        for key in ("mask_token_fraction", "random_token_fraction"):
+            if not 0.0 <= getattr(k, key) <= 1.0:
+                raise ConfigError(f"mlm.{key} must be in [0, 1], got {getattr(k, key)}")
+        if k.mask_token_fraction + k.random_token_fraction > 1.0:
+            raise ConfigError(
+                f"mlm.mask_token_fraction + mlm.random_token_fraction must be <= 1, got "
+                f"{k.mask_token_fraction} + {k.random_token_fraction}"
+            )
+        if cfg.data.tokenizer.path is None and k.mask_token not in cfg.data.tokenizer.special_tokens:
+            raise ConfigError(
+                f"mlm.mask_token {k.mask_token!r} is not among data.tokenizer.special_tokens {list(cfg.data.tokenizer.special_tokens)}"
+            )
     if m.family == "moe":
         e = m.moe
         if m.style != "llama":
@@ -430,7 +512,7 @@ def validate(cfg: Config) -> None:
             )
     for key in ("seq_len", "global_batch_size"):
         _positive(getattr(d, key), f"data.{key}")
-    if m.style == "gpt2" and d.seq_len > m.max_seq_len:
+    if not m.use_rope and d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")

@@ -49,54 +49,36 @@ class FlopsError(UserError):
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Every parameter the model holds, split the way scaling-law papers need.
 
-    `embedding` is the token table plus learned positions; `output_head` is the unembedding matrix
-    when it is not tied to the token table (it is part of `non_embedding`). `active` is what one
-    token uses: for MoE, the top_k routed experts (+ shared experts and router) of each MoE layer
-    instead of all experts; for a dense model, `total`.
+    `embedding` is the token table plus learned position and token-type tables; `output_head` is
+    the unembedding matrix when it is not tied to the token table (it is part of `non_embedding`).
+    `active` is what one token uses: for MoE, the top_k routed experts (+ shared experts and
+    router) of each MoE layer instead of all experts; otherwise `total`. Each model family counts
+    its own parameters (`lmjax.models.FAMILIES`).
     """
-    _check_family(cfg, "param_counts")
-    d, ff, q_width, kv_width = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+    return _family(cfg).param_counts(cfg)
+
+
+def _family(cfg: ModelConfig):
+    from lmjax.models import model_family  # models count with this module's helpers: import late
+
+    return model_family(cfg)
+
+
+def norm_params(cfg: ModelConfig) -> int:
+    """One norm: LayerNorm scale + bias (gpt2/bert style) or an RMSNorm scale."""
+    return 2 * cfg.d_model if cfg.use_bias else cfg.d_model
+
+
+def block_params(cfg: ModelConfig, d_ff: int | None = None) -> dict[str, int]:
+    """Parameters of one transformer block by part (attention, mlp, norms), biases included."""
+    d, ff = cfg.d_model, cfg.d_ff if d_ff is None else d_ff
+    q_width, kv_width = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
     attention = d * q_width + 2 * d * kv_width + q_width * d
     mlp = cfg.mlp_matrices * d * ff
-    if cfg.style == "llama":  # RMSNorm scales only, no biases
-        per_layer = attention + mlp + 2 * d
-        final_norm = d
-        positions = 0
-    elif cfg.style == "gpt2":  # LayerNorm scale + bias; every projection has a bias
-        attention_biases = q_width + 2 * kv_width + d
-        mlp_biases = ff + d
-        per_layer = attention + attention_biases + mlp + mlp_biases + 2 * 2 * d
-        final_norm = 2 * d
-        positions = cfg.max_seq_len * d
-    else:
-        raise FlopsError(f"param_counts: model.style '{cfg.style}' is not supported; expected llama or gpt2")
-    embedding = cfg.vocab_size * d + positions
-    output_head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
-    total = embedding + cfg.n_layers * per_layer + final_norm + output_head
-    active = total
-    if cfg.family == "moe":
-        # Each MoE layer swaps its MLP for router [d, E] + E routed and n_shared shared experts.
-        moe, n_moe_layers = cfg.moe, len(cfg.moe.layer_indices(cfg.n_layers))
-        expert = cfg.mlp_matrices * d * _expert_d_ff(cfg)
-        always_on = d * moe.n_experts + moe.n_shared_experts * expert
-        total += n_moe_layers * (always_on + moe.n_experts * expert - mlp)
-        active += n_moe_layers * (always_on + moe.top_k * expert - mlp)
-    return {
-        "total": total,
-        "embedding": embedding,
-        "non_embedding": total - embedding,
-        "output_head": output_head,
-        "active": active,
-    }
-
-
-def _check_family(cfg: ModelConfig, what: str) -> None:
-    if cfg.family not in ("dense", "moe"):
-        raise FlopsError(f"{what}: model.family '{cfg.family}' is not supported; expected dense or moe")
-
-
-def _expert_d_ff(cfg: ModelConfig) -> int:
-    return cfg.moe.d_ff_expert if cfg.moe.d_ff_expert is not None else cfg.d_ff
+    if cfg.use_bias:
+        attention += q_width + 2 * kv_width + d
+        mlp += ff + d
+    return {"attention": attention, "mlp": mlp, "norms": 2 * norm_params(cfg)}
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -155,20 +137,8 @@ def chinchilla_forward_flops(
 
 
 def _model_forward_terms(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """Appendix-F terms of `cfg`. MoE layers count their router and the top_k routed + shared
-    experts each token uses (the model's FLOPs: capacity padding and dropped tokens are not counted)."""
-    _check_family(cfg, "flops")
-    terms = chinchilla_forward_terms(
-        seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.head_size, cfg.d_ff, cfg.vocab_size,
-        n_kv_heads=cfg.kv_heads, mlp_matrices=cfg.mlp_matrices,
-    )
-    if cfg.family == "moe":
-        moe, n_moe_layers = cfg.moe, len(cfg.moe.layer_indices(cfg.n_layers))
-        seq, d = float(seq_len), float(cfg.d_model)
-        terms["mlp"] = (cfg.n_layers - n_moe_layers) * 2 * seq * cfg.mlp_matrices * d * cfg.d_ff
-        terms["moe_router"] = n_moe_layers * 2 * seq * d * moe.n_experts
-        terms["moe_experts"] = n_moe_layers * (moe.top_k + moe.n_shared_experts) * 2 * seq * cfg.mlp_matrices * d * _expert_d_ff(cfg)
-    return terms
+    """Appendix-F forward terms of one sequence of `cfg`, counted by its model family."""
+    return _family(cfg).forward_terms(cfg, seq_len)
 
 
 def flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:

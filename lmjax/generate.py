@@ -143,7 +143,7 @@ def generate(
         raise GenerateError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
     cfg = model.config
     total_len = prompt_BP.shape[1] + max_new_tokens
-    if cfg.style == "gpt2" and total_len > cfg.max_seq_len:
+    if not cfg.use_rope and total_len > cfg.max_seq_len:
         raise GenerateError(f"prompt_len + max_new_tokens = {total_len} exceeds model.max_seq_len ({cfg.max_seq_len})")
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         raise GenerateError(f"eos_id: expected a token id in [0, {cfg.vocab_size}), got {eos_id}")
@@ -177,6 +177,16 @@ def generate_from_run(
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise GenerateError("prompt: expected some text, got an empty prompt")
+    from lmjax.config import load_config
+    from lmjax.models import model_family
+
+    if (run_dir / "config.yaml").exists():  # else load_run names what is missing
+        model_cfg = load_config(run_dir / "config.yaml").model
+        if not model_family(model_cfg).generates:
+            raise GenerateError(
+                f"{run_dir} holds a model.family={model_cfg.family} model, which does not generate text left to right; "
+                "expected a decoder run (family dense or moe)"
+            )
     # Sampling is a small batch on one device: whatever mesh the run trained on.
     single_device = [f"mesh.{axis}=1" for axis in ("data", "fsdp", "tensor", "expert")]
     run = load_run(run_dir, single_device, devices=jax.devices()[:1])

@@ -57,6 +57,13 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, batch_spec(rules))
 
 
+def batch_shardings(mesh: Mesh, rules, schema: dict[str, Any]) -> dict[str, NamedSharding]:
+    """One sharding per batch key (`schema`: key -> array or ShapeDtypeStruct): the leading
+    dimension over the batch axes, the others replicated."""
+    batch_axes = batch_spec(rules)[0]
+    return {key: NamedSharding(mesh, P(batch_axes, *([None] * (len(x.shape) - 1)))) for key, x in schema.items()}
+
+
 def check_divisible(abstract_tree: Any, shardings: Any, what: str = "parameter") -> None:
     """Every sharded dimension must divide evenly over its mesh axes; name the first that does not."""
     leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
@@ -76,6 +83,9 @@ def check_divisible(abstract_tree: Any, shardings: Any, what: str = "parameter")
                 )
 
 
-def host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Host-local numpy rows -> one global jax.Array per key, sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+def host_batch_to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Host-local numpy rows -> one global jax.Array per key, sharded as `batch_shardings` says."""
+    unexpected = sorted(set(batch) ^ set(shardings))
+    if unexpected:
+        raise ValueError(f"batch keys {sorted(batch)} do not match the task's batch schema {sorted(shardings)}")
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}

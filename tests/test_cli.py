@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from lmjax.config import Config, load_config, replace
         (["modle.d_model=3"], "unknown config key 'modle'; did you mean 'model'?"),
         (["train.steps=abc"], "train.steps: expected an integer, got 'abc'"),
         (["logging.progress=maybe"], "logging.progress: expected true or false, got 'maybe'"),
-        (["model.style=bert"], "model.style: expected one of llama, gpt2, got 'bert'"),
+        (["model.style=gpt3"], "model.style: expected one of llama, gpt2, bert, got 'gpt3'"),
         (["model.d_model=100", "model.n_heads=3"], "model.n_heads (3) must divide model.d_model (100)"),
         (["model.n_heads=4", "model.n_kv_heads=3"], "model.n_kv_heads (3) must divide model.n_heads (4)"),
         (["mesh.data=3"], "mesh: data=3 x fsdp=1 x tensor=1 x expert=1 = 3 devices, but 8 are available"),
@@ -80,6 +81,109 @@ def test_changed_config_on_existing_run_dir_is_refused(tmp_path, tiny_overrides,
     assert (run / "config.yaml").read_text() == saved  # nothing saved was overwritten
 
 
+def llama_params_by_hand(vocab, d, layers, heads, kv_heads, d_ff, tied, experts=0, top_k=0):
+    """(total, active) of a LLaMA-style decoder, written out: token table, untied head, per layer
+    q/k/v/o projections + SwiGLU (3 matrices; MoE: a router [d, experts] + `experts` SwiGLUs, of
+    which a token uses top_k) + 2 RMSNorm scales, final RMSNorm. No biases."""
+    head = d // heads
+    attention = d * heads * head + d * kv_heads * head + d * kv_heads * head + heads * head * d
+    swiglu = 3 * d * d_ff
+    if experts:
+        ffn_total, ffn_active = d * experts + experts * swiglu, d * experts + top_k * swiglu
+    else:
+        ffn_total = ffn_active = swiglu
+    outside_layers = vocab * d + (0 if tied else d * vocab) + d
+    return (outside_layers + layers * (attention + ffn_total + 2 * d),
+            outside_layers + layers * (attention + ffn_active + 2 * d))
+
+
+def gpt2_params_by_hand(vocab, d, layers, d_ff, positions, tied):
+    """GPT-2, written out: token and position tables, per layer LayerNorm (scale + bias), fused qkv
+    [d, 3d] + bias, output projection [d, d] + bias, LayerNorm, MLP [d, d_ff] + bias and [d_ff, d] +
+    bias; final LayerNorm; the head tied to the token table."""
+    per_layer = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + (d * d_ff + d_ff) + (d_ff * d + d)
+    return vocab * d + positions * d + layers * per_layer + 2 * d + (0 if tied else d * vocab)
+
+
+# Configs named after a published model: the published model's shape, its published parameter counts
+# as (count, the unit it was published to: 1 when exact), and the keys in which the config differs
+# from it on purpose. Other configs
+# (and ones added later, e.g. encoders) are only loaded.
+LLAMA2_7B = dict(style="llama", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, kv_heads=32, d_ff=11008,
+                 tie_embeddings=False)
+MIXTRAL_8X7B = dict(style="llama", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, kv_heads=8, d_ff=14336,
+                    tie_embeddings=False, experts=8, top_k=2)
+TINYLLAMA_1B = dict(style="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, kv_heads=4, d_ff=5632,
+                    tie_embeddings=False)
+GPT2_SMALL = dict(style="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, kv_heads=12, d_ff=3072,
+                  max_seq_len=1024, tie_embeddings=True)
+PUBLISHED_MODELS = {
+    # LLaMA(-2) 7B (Touvron et al. 2023): 6.74B parameters.
+    "dense_7b.yaml": (LLAMA2_7B, {"total": (6_738_415_616, 1)}, ()),
+    # Mixtral 8x7B (Mistral AI 2023; Jiang et al. 2024): 46.7B parameters, 12.9B active per token.
+    "mixtral_8x7b.yaml": (MIXTRAL_8X7B, {"total": (46.7e9, 1e8), "active": (12.9e9, 1e8)}, ()),
+    # TinyLlama 1.1B (Zhang et al. 2024): 1,100,048,384 parameters with its 32000-token vocabulary.
+    # The config keeps TinyLlama's shape but a 32768-token vocabulary (lmjax's tokenizer).
+    "dense_1b.yaml": (TINYLLAMA_1B, {"total": (1_100_048_384, 1)}, ("vocab_size",)),
+    # GPT-2 small (Radford et al. 2019): 124,439,808 parameters with its 50257-token vocabulary; the
+    # config uses a 32768-token vocabulary, as its comment says.
+    "gpt2_small.yaml": (GPT2_SMALL, {"total": (124_439_808, 1)}, ("vocab_size",)),
+}
+
+
+def published_counts_by_hand(shape: dict) -> dict[str, int]:
+    if shape["style"] == "gpt2":
+        total = gpt2_params_by_hand(shape["vocab_size"], shape["d_model"], shape["n_layers"], shape["d_ff"],
+                                    shape["max_seq_len"], shape["tie_embeddings"])
+        return {"total": total, "active": total}
+    total, active = llama_params_by_hand(shape["vocab_size"], shape["d_model"], shape["n_layers"], shape["n_heads"],
+                                         shape["kv_heads"], shape["d_ff"], shape["tie_embeddings"],
+                                         shape.get("experts", 0), shape.get("top_k", 0))
+    return {"total": total, "active": active}
+
+
+def config_shape(model) -> dict:
+    shape = {key: getattr(model, key) for key in ("style", "vocab_size", "d_model", "n_layers", "n_heads", "kv_heads",
+                                                    "d_ff", "max_seq_len", "tie_embeddings")}
+    if model.family == "moe":
+        shape.update(experts=model.moe.n_experts, top_k=model.moe.top_k,
+                     d_ff=model.moe.d_ff_expert if model.moe.d_ff_expert is not None else model.d_ff)
+    return shape
+
+
 @pytest.mark.parametrize("path", sorted(str(p) for p in pathlib.Path("configs").glob("*.yaml")))
 def test_shipped_configs_load(path):
-    load_config(path)
+    cfg = load_config(path)
+    assert isinstance(cfg, Config) and cfg.model.vocab_size > 0
+    name = pathlib.Path(path).name
+    if name not in PUBLISHED_MODELS:
+        return
+    from lmjax import flops
+
+    published, published_counts, differences = PUBLISHED_MODELS[name]
+    # The hand formula reproduces the published count of the published shape...
+    by_hand = published_counts_by_hand(published)
+    for key, (count, unit) in published_counts.items():
+        assert round(by_hand[key] / unit) == round(count / unit), (key, by_hand[key], count)
+    # ... the config has that shape (but for the differences its comment states) ...
+    shape = config_shape(cfg.model)
+    mismatched = {key: (shape[key], value) for key, value in published.items()
+                  if key in shape and key not in differences and shape[key] != value}
+    assert not mismatched, f"{name} differs from the published model (config, published): {mismatched}"
+    # ... and lmjax counts the config, and the published model, as the hand formula does.
+    counts = flops.param_counts(cfg.model)
+    config_by_hand = published_counts_by_hand({**published, **{key: shape[key] for key in differences}})
+    assert (counts["total"], counts["active"]) == (config_by_hand["total"], config_by_hand["active"])
+    published_model = dataclasses.replace(cfg.model, **{key: published[key] for key in differences})
+    assert flops.param_counts(published_model)["total"] == by_hand["total"]
+
+
+def test_dense_125m_has_the_size_its_comment_states():
+    """~124M parameters: GPT-2 small's width, depth and heads, GPT-2's vocabulary padded to 50304, tied LLaMA."""
+    from lmjax import flops
+
+    model = load_config("configs/dense_125m.yaml").model
+    assert (model.style, model.d_model, model.n_layers, model.n_heads, model.vocab_size) == ("llama", 768, 12, 12, 50304)
+    total, _ = llama_params_by_hand(50304, 768, 12, 12, 12, model.d_ff, model.tie_embeddings)
+    assert flops.param_counts(model)["total"] == total
+    assert abs(total / 124e6 - 1) < 0.005

@@ -17,8 +17,8 @@ from lmjax.config import ConfigError, ModelConfig, MoEConfig, load_config
 from lmjax.models import build_model, init_cache, moe_aux_loss
 from lmjax.models.layers import MLP
 from lmjax.models.moe import STATS, MoEFeedForward, load_balancing_loss
-from lmjax.objectives import causal_lm_loss
-from lmjax.train.step import StateFactory, make_train_step
+from lmjax.tasks import CausalLMTask
+from lmjax.train.step import ModelSetup
 
 VOCAB = 64
 
@@ -239,7 +239,8 @@ def test_objective_adds_the_aux_losses_and_the_router_gets_their_gradient():
 
     def objective(lb_coef, z_coef):
         c = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, load_balance_loss=lb_coef, router_z_loss=z_coef))
-        return jax.value_and_grad(lambda p: causal_lm_loss(p, batch, build_model(c)), has_aux=True)
+        task = CausalLMTask(load_config(None, ["model.family=moe"]))
+        return jax.value_and_grad(lambda p: task.loss(p, {}, batch, build_model(c)), has_aux=True)
 
     both = jax.jit(lambda p: (objective(0.0, 0.0)(p), objective(0.5, 0.25)(p)))
     ((base, _), base_grads), ((with_aux, metrics), grads) = both(params)
@@ -281,16 +282,12 @@ def test_example_configs_load():
 def train_five_steps(overrides, devices):
     """Losses of 5 steps on one fixed batch, the step's metrics and its compiled HLO text."""
     cfg = load_config(None, overrides)
-    mesh = sharding.make_mesh(cfg, devices)
-    rules = sharding.axis_rules(cfg)
-    model = build_model(cfg.model)
-    factory = StateFactory(cfg, model, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
+    setup = ModelSetup.build(cfg, devices)
     host_batch = jax.tree.map(np.asarray, lm_batch(random_tokens((cfg.data.global_batch_size, cfg.data.seq_len + 1))))
-    with sharding.activate(mesh, rules):
-        state = factory.create(0)
-        batch = sharding.host_batch_to_global(host_batch, batch_sharding)
-        compiled = make_train_step(cfg, model, factory, batch_sharding).lower(state, batch).compile()
+    with sharding.activate(setup.mesh, setup.rules):
+        state = setup.factory.create(0)
+        batch = setup.global_batch(host_batch)
+        compiled = setup.train_step().lower(state, batch).compile()
         losses = []
         for _ in range(5):
             state, metrics = compiled(state, batch)

@@ -170,11 +170,29 @@ def test_too_few_runs_names_both_approaches():
         fitlib.fit_scaling_laws(runs, bootstrap=0)
 
 
-def test_approach2_skipped_without_budgets_while_approach3_remains_fittable():
+def test_approach2_skipped_without_budgets_while_approach3_remains_fittable(tmp_path):
     n, d = (m.ravel() for m in np.meshgrid(np.geomspace(1e7, 1e9, 3), np.geomspace(1e9, 1e11, 3)))
     runs = [RunRecord("r", a, b, chinchilla_loss(a, b)) for a, b in zip(n, d)]  # 9 distinct computes
     reason = fitlib.fit_approach2(runs)
     assert isinstance(reason, str) and "Approach 2 needs >= 3 sizes" in reason
+    # Approach 2 skipped, the whole fit still fits Approach 3 on the same runs: noise-free, a 3 x 3
+    # grid of 9 runs pins down its 5 parameters, so the true law comes back to rounding error.
+    result = fitlib.fit_scaling_laws(runs, bootstrap=20)
+    assert result.approach2 == reason
+    law = result.approach3.law
+    for fitted, true in ((law.E, E), (law.A, A), (law.B, B), (law.alpha, ALPHA), (law.beta, BETA)):
+        assert fitted == pytest.approx(true, rel=1e-6)
+    assert law.a == pytest.approx(A_TRUE, rel=1e-6) and law.b == pytest.approx(B_TRUE, rel=1e-6)
+    assert law.compute_optimal(1e21)[0] == pytest.approx(brute_force_n_opt(1e21), rel=1e-3)
+    # ... and so does fit.json and the report, with Approach 2 marked as skipped.
+    rows = [[r.params, r.tokens, r.loss] for r in runs]
+    fit = run_fit(write_csv(tmp_path / "runs.csv", rows, ["params", "tokens", "loss"]), bootstrap=20)
+    assert fit["isoflop"] == {"skipped": reason}
+    assert fit["approach3"]["alpha"]["value"] == pytest.approx(ALPHA, rel=1e-6)
+    low, high = fit["approach3"]["a"]["ci_low"], fit["approach3"]["a"]["ci_high"]
+    assert low <= A_TRUE * (1 + 1e-9) and high >= A_TRUE * (1 - 1e-9)  # the interval holds the truth (to rounding)
+    report = (tmp_path / "report.md").read_text()
+    assert f"Approach 2 was not fitted: {reason}." in report and "Approach 3 was not fitted" not in report
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -231,6 +249,20 @@ def test_run_dirs_param_conventions(tmp_path):
     assert load_run_table(tmp_path / "tied").runs[0].budget == 1e12
     with pytest.raises(FitInputError, match="param_convention"):
         load_run_table(dirs, "embedding")
+    # An untied run never needs its config.yaml; a tied one does, for the head's size.
+    (tmp_path / "untied" / "config.yaml").unlink()
+    assert load_run_table(tmp_path / "untied", "non_embedding_with_head").runs[0].params == 4500
+    (tmp_path / "tied" / "config.yaml").unlink()
+    with pytest.raises(FitInputError, match="tied-embedding run needs model.vocab_size"):
+        load_run_table(tmp_path / "tied", "non_embedding_with_head")
+    # A summary from before params_active: every convention but active still works.
+    write_run(tmp_path / "old", 3.0, 5000, 1e6)
+    summary = json.loads((tmp_path / "old" / "summary.json").read_text())
+    del summary["params_active"]
+    (tmp_path / "old" / "summary.json").write_text(json.dumps(summary))
+    assert load_run_table(tmp_path / "old", "non_embedding_with_head").runs[0].params == 4200
+    with pytest.raises(FitInputError, match=r"old/summary.json: param_convention 'active' needs params_active"):
+        load_run_table(tmp_path / "old", "active")
 
 
 # ----------------------------------------------------------------------------- run_fit and fit.json

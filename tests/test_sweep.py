@@ -14,6 +14,7 @@ import yaml
 
 from lmjax.config import ConfigError, ModelConfig, MoEConfig, load_config
 from lmjax.scaling import plan as planlib
+from lmjax.scaling.fit import ScalingLaw
 from lmjax.scaling.report import run_fit
 from lmjax.scaling.sweep import (
     Executor, InProcessExecutor, LocalExecutor, SweepError, sweep_command, write_plan,
@@ -317,8 +318,28 @@ def test_holdout_prediction_recovers_the_largest_budget(tmp_path):
     assert prediction["predicted_loss_at_measured_run"] == pytest.approx(losses[best], rel=2e-3)
     # The optimum of the law at this compute is at most the best grid point, and close to it.
     assert -0.01 < prediction["relative_error"] <= 1e-3
+    # The prediction again, from the files alone: the law of holdout/fit.json, minimised by brute
+    # force along C = 6ND at the held-out budget in 6ND units (C x 6 / k, k the FLOPs per
+    # parameter-token of the measured run's summary), against the measured run's own summary.
+    fit = json.loads((tmp_path / "s" / "holdout" / "fit.json").read_text())
+    assert fit["n_runs"] == 10 and Path(prediction["fit"]) == tmp_path / "s" / "holdout" / "fit.json"
+    law = ScalingLaw(**{k: fit["approach3"][k]["value"] for k in ("E", "A", "B", "alpha", "beta")})
+    summary = json.loads((tmp_path / "s" / "runs" / best / "summary.json").read_text())
+    k = summary["train_flops"] / (summary["params_total"] * summary["tokens"])
+    c_6nd = 1e18 * 6 / k
+    n_line = np.geomspace(prediction["predicted_N"] / 10, prediction["predicted_N"] * 10, 200001)
+    line_loss = law.loss(n_line, c_6nd / (6 * n_line))
+    n_opt, loss_opt = n_line[line_loss.argmin()], line_loss.min()
+    assert prediction["C_6ND"] == pytest.approx(c_6nd, rel=1e-9)
+    assert prediction["predicted_N"] == pytest.approx(n_opt, rel=1e-3)
+    assert prediction["predicted_D"] == pytest.approx(c_6nd / (6 * n_opt), rel=1e-3)
+    assert prediction["predicted_loss"] == pytest.approx(loss_opt, rel=1e-9)
+    assert prediction["measured_loss"] == summary["final_eval_loss"]
+    assert (prediction["measured_N"], prediction["measured_D"]) == (summary["params_total"], summary["tokens"])
+    assert prediction["predicted_loss_at_measured_run"] == pytest.approx(
+        law.loss(summary["params_total"], summary["tokens"]), rel=1e-12)
     assert prediction["relative_error"] == pytest.approx(
-        (prediction["predicted_loss"] - prediction["measured_loss"]) / prediction["measured_loss"])
+        (loss_opt - summary["final_eval_loss"]) / summary["final_eval_loss"], rel=1e-6, abs=1e-9)
 
 
 def csv_rows(path: Path):

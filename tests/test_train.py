@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from lmjax import cli, sharding
 from lmjax.config import load_config
 from lmjax.evaluate import load_run
 from lmjax.models import build_model
 from lmjax.train.loop import train
-from lmjax.train.step import StateFactory, make_train_step
+from lmjax.train.step import ModelSetup
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
@@ -52,14 +53,31 @@ def test_sharded_equals_unsharded(tmp_path, tiny_overrides):
 
 def test_params_are_created_sharded(tiny_overrides, tmp_path):
     cfg = load_config(None, tiny_overrides + [f"run_dir={tmp_path}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-    mesh = sharding.make_mesh(cfg)
-    factory = StateFactory(cfg, build_model(cfg.model), mesh, sharding.axis_rules(cfg))
-    state = factory.create(0)
-    sharded = [x for x in jax.tree.leaves(state.params) if x.ndim >= 2]
-    # Every weight matrix is split over fsdp and/or tensor: no device holds a full copy.
-    for x in sharded:
-        shard = x.addressable_shards[0].data
-        assert shard.size < x.size, x.shape
+    state = ModelSetup.build(cfg).factory.create(0)
+    # The partition of every parameter, written out from the default rules (embed -> fsdp,
+    # heads/kv_heads/mlp/vocab -> tensor, layers and head_dim unsharded): scanned layers lead.
+    expected = {
+        "embed/embedding": P("tensor", "fsdp"),  # [vocab, embed]
+        "layers/attention/query/kernel": P(None, "fsdp", "tensor", None),  # [layers, embed, heads, head_dim]
+        "layers/attention/key/kernel": P(None, "fsdp", "tensor", None),
+        "layers/attention/value/kernel": P(None, "fsdp", "tensor", None),
+        "layers/attention/out/kernel": P(None, "tensor", None, "fsdp"),  # [layers, heads, head_dim, embed]
+        "layers/mlp/gate/kernel": P(None, "fsdp", "tensor"),  # [layers, embed, mlp]
+        "layers/mlp/up/kernel": P(None, "fsdp", "tensor"),
+        "layers/mlp/down/kernel": P(None, "tensor", "fsdp"),  # [layers, mlp, embed]
+        "layers/attention_norm/scale": P(None, "fsdp"),
+        "layers/mlp_norm/scale": P(None, "fsdp"),
+        "final_norm/scale": P("fsdp"),
+    }
+    got = {"/".join(k.key for k in path): x.sharding.spec for path, x in jax.tree_util.tree_leaves_with_path(state.params)}
+    assert set(got) == set(expected)
+    for name, spec in expected.items():
+        assert tuple(got[name]) + (None,) * (len(spec) - len(got[name])) == tuple(spec), name
+    # The optimizer moments take their parameter's partition.
+    for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):
+        name = "/".join(getattr(k, "key", "") for k in path if hasattr(k, "key"))
+        if name in expected and x.ndim:
+            assert tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec)) == tuple(expected[name]), name
 
 
 def _cli_command(config_overrides: list[str]) -> list[str]:
@@ -157,10 +175,7 @@ def test_tiny_model_memorizes_a_batch():
          "data.seq_len=16", "data.global_batch_size=4", "optim.lr=1e-2", "optim.warmup_steps=5",
          "optim.weight_decay=0", "optim.min_lr_ratio=0.01", "train.steps=200", "mesh.data=1"],
     )
-    mesh = sharding.make_mesh(cfg, jax.devices()[:1])
-    rules = sharding.axis_rules(cfg)
-    model = build_model(cfg.model)
-    factory = StateFactory(cfg, model, mesh, rules)
+    setup = ModelSetup.build(cfg, jax.devices()[:1])
     tokens = np.random.default_rng(0).integers(0, 64, size=(4, 17)).astype(np.int32)
     batch = {
         "tokens": tokens[:, :-1],
@@ -169,10 +184,10 @@ def test_tiny_model_memorizes_a_batch():
         "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1)),
         "loss_mask": np.ones((4, 16), np.float32),
     }
-    batch = sharding.host_batch_to_global(batch, sharding.batch_sharding(mesh, rules))
-    with sharding.activate(mesh, rules):
-        state = factory.create(0)
-        step = make_train_step(cfg, model, factory, sharding.batch_sharding(mesh, rules))
+    batch = setup.global_batch(batch)
+    with sharding.activate(setup.mesh, setup.rules):
+        state = setup.factory.create(0)
+        step = setup.train_step()
         first = None
         for _ in range(200):
             state, metrics = step(state, batch)
@@ -196,8 +211,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ove
 
     real_build_data = loop.build_data
 
-    def poisoned_build_data(cfg):
-        data = real_build_data(cfg)
+    def poisoned_build_data(cfg, layout=None):
+        data = real_build_data(cfg, layout)
         real_iterator = data.train_iterator
 
         class Poisoned:

@@ -1,4 +1,4 @@
-"""Tokenized, packed batches for causal language modelling, in a resumable grain order.
+"""Tokenized, packed batches in a resumable grain order; the task chooses how rows become batches.
 
 Each split's documents are tokenized, followed by eos and concatenated in corpus order. Row r of
 a split is the window `tokens[r * L : r * L + L + 1]` (L = seq_len): consecutive rows share one
@@ -8,10 +8,15 @@ split), `positions` restart at 0 at each document start and at the row start, an
 is 0 where the target is in another document than the input (no prediction across a boundary)
 or is padding.
 
+That is the causal layout (`CausalRows`). Other tasks bring their own `RowLayout`: masked LM
+(`masking.MaskedRows`) cuts the stream into non-overlapping windows of L tokens and corrupts them.
+
 Training order: a grain `MapDataset` over row indices, reshuffled each epoch from `cfg.seed`,
 repeated forever and batched by the GLOBAL batch size; each host gathers only its contiguous
-slice of every global batch, so global batch i is the same for any number of hosts. The
-iterator's state is one index, saved with the checkpoint; restoring it gives the exact next batch.
+slice of every global batch, so global batch i is the same for any number of hosts. A layout
+that draws random numbers seeds them by (seed, global batch index, row), never by host or time.
+The iterator's state is one index, saved with the checkpoint; restoring it gives the exact next
+batch.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import grain
 import numpy as np
@@ -37,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 _ENCODE_CHUNK = 512  # documents per sentencepiece call: bounded memory, all threads busy
+TRAIN_STREAM, EVAL_STREAM = 0, 1  # seed streams of randomised layouts: training and eval batches differ
 
 
 @dataclass(frozen=True)
@@ -53,16 +59,24 @@ class PackedSplit:
     def num_rows(self, seq_len: int) -> int:
         return math.ceil((self.num_tokens - 1) / seq_len) if self.num_tokens > 1 else 0
 
-    def rows(self, row_indices: np.ndarray, seq_len: int, pad_id: int) -> Batch:
-        """The batch made of rows `row_indices` (see the module docstring for the fields)."""
+    def num_windows(self, seq_len: int) -> int:
+        return math.ceil(self.num_tokens / seq_len)
+
+    def _window(self, row_indices: np.ndarray, seq_len: int, width: int, pad_id: int) -> tuple[np.ndarray, ...]:
+        """(tokens, segments, positions) of `width` stream positions from each row start r * seq_len."""
         starts = np.asarray(row_indices, dtype=np.int64)[:, None] * seq_len  # [B, 1]
-        index = starts + np.arange(seq_len + 1)  # [B, L + 1] positions in the stream
+        index = starts + np.arange(width)  # [B, width] positions in the stream
         is_token = index < self.num_tokens
         tokens = np.where(is_token, self.tokens[np.minimum(index, self.num_tokens - 1)], pad_id)
         document = np.searchsorted(self.doc_offsets, index, side="right") - 1
         segments = np.where(is_token, document - document[:, :1] + 1, 0)
         segment_start = np.maximum(self.doc_offsets[document], starts)
         positions = np.where(is_token, index - segment_start, 0)
+        return tokens, segments, positions
+
+    def rows(self, row_indices: np.ndarray, seq_len: int, pad_id: int) -> Batch:
+        """The causal batch made of rows `row_indices` (see the module docstring for the fields)."""
+        tokens, segments, positions = self._window(row_indices, seq_len, seq_len + 1, pad_id)
         same_document = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
         return {
             "tokens": tokens[:, :-1].astype(np.int32),
@@ -71,6 +85,39 @@ class PackedSplit:
             "positions": positions[:, :-1].astype(np.int32),
             "loss_mask": same_document.astype(np.float32),
         }
+
+    def windows(self, row_indices: np.ndarray, seq_len: int, pad_id: int) -> Batch:
+        """Non-overlapping windows `tokens[r * L : r * L + L]`: tokens, segment_ids, positions."""
+        tokens, segments, positions = self._window(row_indices, seq_len, seq_len, pad_id)
+        return {"tokens": tokens.astype(np.int32), "segment_ids": segments.astype(np.int32), "positions": positions.astype(np.int32)}
+
+
+class RowLayout(Protocol):
+    """How a task turns rows of a packed split into its batch (`lmjax.tasks`)."""
+
+    def identity(self) -> dict[str, Any]:
+        """Settings the batches depend on, checked when a checkpoint's iterator state is restored."""
+
+    def num_rows(self, split: PackedSplit, seq_len: int) -> int: ...
+
+    def batch(
+        self, split: PackedSplit, global_rows: np.ndarray, host_rows: slice, seq_len: int, pad_id: int, key: tuple[int, int]
+    ) -> Batch:
+        """The host's part (`host_rows`) of the global batch made of rows `global_rows`; `key` =
+        (stream: 0 train / 1 eval, global batch index) seeds any randomness."""
+
+
+class CausalRows:
+    """Shifted rows for next-token prediction (the module docstring)."""
+
+    def identity(self) -> dict[str, Any]:
+        return {}  # the original layout: checkpoints written before layouts existed stay valid
+
+    def num_rows(self, split: PackedSplit, seq_len: int) -> int:
+        return split.num_rows(seq_len)
+
+    def batch(self, split, global_rows, host_rows, seq_len, pad_id, key) -> Batch:
+        return split.rows(global_rows[host_rows], seq_len, pad_id)
 
 
 def pack_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> PackedSplit:
@@ -141,10 +188,11 @@ class Data:
     seq_len: int
     global_batch_size: int
     seed: int
+    layout: RowLayout = field(default_factory=CausalRows)
     _train_rows: grain.MapDataset = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        n_rows = self.train.num_rows(self.seq_len)
+        n_rows = self.layout.num_rows(self.train, self.seq_len)
         if n_rows == 0:
             raise DataError(f"corpus {self.fingerprint}: the training split has no tokens; add documents or lower data.val_fraction")
         # index_shuffle permutes lazily (no index array); repeat() draws a new permutation each epoch.
@@ -153,8 +201,10 @@ class Data:
     def train_iterator(self, process_index: int = 0, process_count: int = 1) -> TrainIterator:
         """Endless host-local batches [global_batch_size / process_count, seq_len] in a seeded order."""
         rows = _host_slice(self.global_batch_size, process_index, process_count)
-        batches = self._train_rows.batch(self.global_batch_size, drop_remainder=True).map(
-            lambda global_rows: self.train.rows(global_rows[rows], self.seq_len, self.tokenizer.pad_id)
+        batches = self._train_rows.batch(self.global_batch_size, drop_remainder=True).map_with_index(
+            lambda index, global_rows: self.layout.batch(
+                self.train, global_rows, rows, self.seq_len, self.tokenizer.pad_id, (TRAIN_STREAM, index)
+            )
         )
         # Two threads gather upcoming batches while the accelerator works on the current one.
         iterator = batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)).__iter__()
@@ -163,12 +213,13 @@ class Data:
             "seed": self.seed,
             "global_batch_size": self.global_batch_size,
             "seq_len": self.seq_len,
+            **self.layout.identity(),
         }
         return TrainIterator(iterator, identity)
 
     def eval_batches(self, n: int, process_index: int = 0, process_count: int = 1) -> list[Batch]:
         """The first `n` validation batches (host-local), the same on every call; rows wrap around."""
-        n_rows = self.validation.num_rows(self.seq_len)
+        n_rows = self.layout.num_rows(self.validation, self.seq_len)
         if n_rows == 0:
             raise DataError(
                 f"corpus {self.fingerprint}: the validation split is empty; raise data.val_fraction "
@@ -178,7 +229,9 @@ class Data:
         batches = []
         for i in range(n):
             global_rows = np.arange(i * self.global_batch_size, (i + 1) * self.global_batch_size) % n_rows
-            batches.append(self.validation.rows(global_rows[rows], self.seq_len, self.tokenizer.pad_id))
+            batches.append(
+                self.layout.batch(self.validation, global_rows, rows, self.seq_len, self.tokenizer.pad_id, (EVAL_STREAM, i))
+            )
         return batches
 
 
@@ -208,21 +261,24 @@ def _tokenized_splits(cfg: Config, tokenizer: Tokenizer, train_texts: list[str],
     )
 
 
-def build_data(cfg: Config) -> Data:
-    """Corpus -> tokenizer -> tokenized splits (all cached by content) -> a `Data` for the trainer."""
+def build_data(cfg: Config, layout: Callable[[Tokenizer], RowLayout] | None = None) -> Data:
+    """Corpus -> tokenizer -> tokenized splits (all cached by content) -> a `Data` for the trainer.
+
+    `layout(tokenizer)` makes the task's row layout (default: causal rows)."""
     corpus = load_corpus(cfg.data)
     train_docs, val_docs = corpus.split(cfg.data.val_fraction)
     train_texts, val_texts = [d.text for d in train_docs], [d.text for d in val_docs]
     tokenizer = get_tokenizer(cfg, train_texts, corpus.fingerprint)
     train, validation = _tokenized_splits(cfg, tokenizer, train_texts, val_texts, corpus.fingerprint)
     seq_len = cfg.data.seq_len
+    row_layout = layout(tokenizer) if layout is not None else CausalRows()
     stats = {
         "documents": {"train": len(train_docs), "val": len(val_docs)},
         "skipped": dict(corpus.skipped),
         "tokens": {"train": train.num_tokens, "val": validation.num_tokens},
-        "rows": {"train": train.num_rows(seq_len), "val": validation.num_rows(seq_len)},
-        "train_tokens_per_epoch": train.num_rows(seq_len) * seq_len,
-        "batches_per_epoch": train.num_rows(seq_len) / cfg.data.global_batch_size,
+        "rows": {"train": row_layout.num_rows(train, seq_len), "val": row_layout.num_rows(validation, seq_len)},
+        "train_tokens_per_epoch": row_layout.num_rows(train, seq_len) * seq_len,
+        "batches_per_epoch": row_layout.num_rows(train, seq_len) / cfg.data.global_batch_size,
     }
     return Data(
         tokenizer=tokenizer,
@@ -233,4 +289,5 @@ def build_data(cfg: Config) -> Data:
         seq_len=seq_len,
         global_batch_size=cfg.data.global_batch_size,
         seed=cfg.seed,
+        layout=row_layout,
     )

@@ -149,6 +149,23 @@ class Tokenizer:
         self.pad_id: int = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
         self.token_bytes: np.ndarray = _token_bytes(self._sp)  # [vocab_size] int32
 
+    def piece(self, token_id: int) -> str:
+        """The vocabulary entry of `token_id` ('\u2581' stands for a space, '<0x0A>' for a byte)."""
+        return self._sp.id_to_piece(int(token_id))
+
+    def piece_id(self, piece: str) -> int | None:
+        """The id of a whole vocabulary entry (e.g. a special token such as '<mask>'), None if absent."""
+        token_id = self._sp.piece_to_id(piece)
+        return None if self._sp.is_unknown(token_id) and piece != self.piece(token_id) else token_id
+
+    def control_ids(self) -> list[int]:
+        """Ids that stand for no text: pad, unk, bos, eos (and unused pieces)."""
+        sp = self._sp
+        return [i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)]
+
+    def is_byte(self, token_id: int) -> bool:
+        return self._sp.is_byte(int(token_id))
+
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 

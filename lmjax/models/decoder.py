@@ -8,7 +8,8 @@ tokens int [B, T]; positions int [B, T] (default arange(T) per row); segment_ids
 earlier-or-equal indices of its own segment only (padding attends to padding, so padding rows
 stay finite). Returns float32 logits [B, T, vocab_size].
 
-Parameter tree: `embed/embedding` [V, D]; gpt2 adds `position_embedding` [max_seq_len, D]; the
+Parameter tree: `embed/embedding` [V, D]; without RoPE (`model.positions`) `position_embedding`
+[max_seq_len, D]; the
 blocks are `layers/...` with a leading [n_layers] axis when `config.scan_layers` (logical name
 'layers'), else `layer_0/...`, `layer_1/...`; then `final_norm/...` and, unless
 `tie_embeddings`, `unembed` [D, V]. With `family: moe` (Llama style) the MoE layers
@@ -29,60 +30,30 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax import flops
 from lmjax.config import ModelConfig
 from lmjax.errors import UserError
-from lmjax.models.layers import MLP, RESIDUAL_AXES, Block, make_norm, partitioned_normal
+from lmjax.models.layers import (
+    MLP,
+    RESIDUAL_AXES,
+    Block,
+    Embed,
+    block_class,
+    learned_positions,
+    make_norm,
+    output_logits,
+    scan_stack,
+)
 from lmjax.models.moe import STATS, MoEFeedForward, aux_loss_and_metrics
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    # Saves weight matmul outputs; recomputes norms, activations and attention (whose einsums have
-    # batch dimensions, so the [B, N, T, T] scores are never stored).
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+# Names a model may sow at its top level in the 'intermediates' collection; a task adds
+# AUX_LOSS (a per-token scalar) to its objective and logs AUX_METRICS (a dict of per-token
+# averages). This is the whole contract between a model's auxiliary losses and the trainer.
+AUX_LOSS, AUX_METRICS = "aux_loss", "aux_metrics"
 
 
 class ModelInputError(UserError):
     """Inputs of the wrong rank, length or kind for the model."""
-
-
-def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """Rows of a (possibly sharded) table. The table is all-gathered first, as FSDP does for every
-    weight: a gather from a vocab-sharded table otherwise makes XLA's partitioner replicate it the
-    slow way ("involuntary full rematerialization")."""
-    return jnp.take(nn.with_logical_constraint(table, (None, None)), ids, axis=0)
-
-
-class Embed(nn.Module):
-    """Token embedding table [V, D]; `attend` reuses it as the tied unembedding."""
-
-    config: ModelConfig
-
-    def setup(self) -> None:
-        cfg = self.config
-        self.embedding = self.param(
-            "embedding", partitioned_normal(cfg.init_std, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype)
-        )
-
-    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-        return lookup(self.embedding, tokens_BT).astype(jnp.dtype(self.config.dtype))
-
-    def attend(self, x_BTD: jax.Array) -> jax.Array:
-        table_VD = self.embedding.astype(jnp.dtype(self.config.dtype))
-        return jnp.einsum("btd,vd->btv", x_BTD, table_VD, preferred_element_type=jnp.float32)
-
-
-def _scan(module_cls: type[nn.Module], length: int) -> type[nn.Module]:
-    """`length` copies of `module_cls` stacked on a leading 'layers' axis (params, KV cache and
-    sown MoE statistics alike), run by one compiled loop body."""
-    return nn.scan(
-        module_cls,
-        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
-        length=length,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
 
 
 class MoELayerGroup(nn.Module):
@@ -107,6 +78,10 @@ class MoELayerGroup(nn.Module):
 class DecoderLM(nn.Module):
     config: ModelConfig
 
+    def example_inputs(self, batch: int, length: int) -> tuple[jax.Array, ...]:
+        """Arguments of a forward pass of this shape (for `init` and shape inference)."""
+        return (jnp.zeros((batch, length), jnp.int32),)
+
     @nn.compact
     def __call__(
         self,
@@ -125,30 +100,22 @@ class DecoderLM(nn.Module):
 
         embed = Embed(cfg, name="embed")
         x_BTD = embed(tokens_BT)
-        if cfg.style == "gpt2":
-            table_init = partitioned_normal(cfg.init_std, (None, "embed"))
-            table = self.param("position_embedding", table_init, (cfg.max_seq_len, cfg.d_model), jnp.dtype(cfg.param_dtype))
-            x_BTD = x_BTD + lookup(table, positions_BT).astype(x_BTD.dtype)
+        if not cfg.use_rope:
+            x_BTD = x_BTD + learned_positions(self, cfg, positions_BT)
         x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL_AXES)
 
         x_BTD = self._blocks(x_BTD, positions_BT, segment_ids_BT, decode)
+        if cfg.family == "moe" and self.is_mutable_collection("intermediates"):
+            aux_loss, aux_metrics = moe_aux_loss(self.variables["intermediates"], cfg)
+            self.sow("intermediates", AUX_LOSS, aux_loss)
+            self.sow("intermediates", AUX_METRICS, aux_metrics)
 
         x_BTD = make_norm(cfg, "final_norm")(x_BTD)
-        if cfg.tie_embeddings:
-            logits_BTV = embed.attend(x_BTD)
-        else:
-            unembed_init = partitioned_normal(cfg.init_std, ("embed", "vocab"))
-            unembed_DV = self.param("unembed", unembed_init, (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
-            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, unembed_DV.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
-        return nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
+        return output_logits(self, cfg, embed, x_BTD)
 
     def _blocks(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None, decode: bool) -> jax.Array:
         cfg = self.config
-        block_cls = Block
-        if cfg.remat != "none" and not decode:  # nothing to save for a backward pass when decoding
-            # Inside nn.scan the loop already stops XLA from merging the recomputation with the
-            # forward pass, so the CSE barrier is only needed for the unrolled loop.
-            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        block_cls = block_class(cfg, decode)
         moe_layers = cfg.moe.layer_indices(cfg.n_layers) if cfg.family == "moe" else ()
         if not cfg.scan_layers:
             for i in range(cfg.n_layers):
@@ -156,13 +123,13 @@ class DecoderLM(nn.Module):
                 x_BTD, _ = block(x_BTD, positions_BT, segment_ids_BT)
             return x_BTD
         if not moe_layers:
-            stacks = [_scan(block_cls, cfg.n_layers)(cfg, decode=decode, name="layers")]
+            stacks = [scan_stack(block_cls, cfg.n_layers)(cfg, decode=decode, name="layers")]
         else:
             # nn.scan needs identical layers: the dense prefix is one stack, the repeated group
             # (interval - 1 dense blocks, then an MoE block) another.
-            stacks = [_scan(MoELayerGroup, len(moe_layers))(cfg, block_cls, decode=decode, name="moe_layers")]
+            stacks = [scan_stack(MoELayerGroup, len(moe_layers))(cfg, block_cls, decode=decode, name="moe_layers")]
             if cfg.moe.first_dense_layers:
-                stacks.insert(0, _scan(block_cls, cfg.moe.first_dense_layers)(cfg, decode=decode, name="dense_layers"))
+                stacks.insert(0, scan_stack(block_cls, cfg.moe.first_dense_layers)(cfg, decode=decode, name="dense_layers"))
         for stack in stacks:
             x_BTD, _ = stack(x_BTD, positions_BT, segment_ids_BT)
         return x_BTD
@@ -185,15 +152,13 @@ class DecoderLM(nn.Module):
                 raise ModelInputError(f"{name}: expected shape {tokens_BT.shape} (as tokens), got {array.shape}")
         if decode and segment_ids_BT is not None:
             raise ModelInputError("segment_ids: must be None with decode=True (one sequence per row while decoding)")
-        if cfg.style == "gpt2" and not decode and tokens_BT.shape[1] > cfg.max_seq_len:
+        if not cfg.use_rope and not decode and tokens_BT.shape[1] > cfg.max_seq_len:
             raise ModelInputError(f"tokens: length {tokens_BT.shape[1]} exceeds model.max_seq_len ({cfg.max_seq_len})")
 
 
-def moe_aux_loss(intermediates: dict, config: ModelConfig) -> tuple[jax.Array, dict[str, jax.Array]] | None:
-    """(auxiliary loss, metrics) of the MoE layers from the 'intermediates' collection of a forward
-    pass (`model.apply(..., mutable=["intermediates"])`); None for a dense model."""
-    if config.family != "moe":
-        return None
+def moe_aux_loss(intermediates: dict, config: ModelConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(auxiliary loss, metrics) of the MoE layers from the statistics they sowed in the
+    'intermediates' collection of a forward pass."""
     if config.scan_layers:  # one entry stacked over the MoE groups, in layer order
         stats = intermediates["moe_layers"]["moe"]["mlp"][STATS][0]
     else:
@@ -212,3 +177,42 @@ def init_cache(model: DecoderLM, batch_size: int, max_length: int) -> dict:
     tokens = jnp.zeros((batch_size, max_length), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+# ----------------------------------------------------------------------------- counts (lmjax.flops)
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """See `lmjax.flops.param_counts`. MoE layers swap their MLP for a router [d, E], E routed and
+    n_shared shared experts; `active` counts the top_k routed ones."""
+    d = cfg.d_model
+    block = flops.block_params(cfg)
+    positions = 0 if cfg.use_rope else cfg.max_seq_len * d
+    embedding = cfg.vocab_size * d + positions
+    output_head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
+    total = embedding + cfg.n_layers * sum(block.values()) + flops.norm_params(cfg) + output_head
+    active = total
+    if cfg.family == "moe":
+        moe, n_moe_layers = cfg.moe, len(cfg.moe.layer_indices(cfg.n_layers))
+        expert = cfg.mlp_matrices * d * cfg.expert_d_ff
+        always_on = d * moe.n_experts + moe.n_shared_experts * expert
+        total += n_moe_layers * (always_on + moe.n_experts * expert - block["mlp"])
+        active += n_moe_layers * (always_on + moe.top_k * expert - block["mlp"])
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "output_head": output_head, "active": active}
+
+
+def forward_terms(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Appendix-F terms of one sequence. MoE layers count their router and the top_k routed +
+    shared experts each token uses (the model's FLOPs: capacity padding and dropped tokens are not
+    counted)."""
+    terms = flops.chinchilla_forward_terms(
+        seq_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.head_size, cfg.d_ff, cfg.vocab_size,
+        n_kv_heads=cfg.kv_heads, mlp_matrices=cfg.mlp_matrices,
+    )
+    if cfg.family == "moe":
+        moe, n_moe_layers = cfg.moe, len(cfg.moe.layer_indices(cfg.n_layers))
+        seq, d = float(seq_len), float(cfg.d_model)
+        terms["mlp"] = (cfg.n_layers - n_moe_layers) * 2 * seq * cfg.mlp_matrices * d * cfg.d_ff
+        terms["moe_router"] = n_moe_layers * 2 * seq * d * moe.n_experts
+        terms["moe_experts"] = n_moe_layers * (moe.top_k + moe.n_shared_experts) * 2 * seq * cfg.mlp_matrices * d * cfg.expert_d_ff
+    return terms

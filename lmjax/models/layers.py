@@ -100,7 +100,7 @@ class LayerNorm(nn.Module):
 
 
 def make_norm(config: ModelConfig, name: str) -> nn.Module:
-    norm_cls = RMSNorm if config.style == "llama" else LayerNorm
+    norm_cls = LayerNorm if config.use_bias else RMSNorm
     return norm_cls(eps=config.norm_eps, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), name=name)
 
 
@@ -117,9 +117,10 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads, segment masking and an optional KV cache.
+    """Self-attention with grouped-query heads, segment masking and an optional KV cache.
 
-    Training/eval (`decode=False`): query i attends to keys j <= i of the same segment.
+    Training/eval (`decode=False`): query i attends to keys j <= i of the same segment, or, with
+    `causal=False` (encoders), to every key of the same segment.
     `jax.nn.dot_product_attention` handles GQA natively (query head n reads KV head n // (N/K)).
     With `config.attention == "cudnn"` the causal part runs inside the cuDNN flash kernel
     (`is_causal=True`); packed rows (segment_ids given) add a dense [B, 1, T, T] boolean mask,
@@ -136,12 +137,13 @@ class Attention(nn.Module):
 
     config: ModelConfig
     decode: bool = False
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None) -> jax.Array:
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        use_bias = cfg.style == "gpt2"
+        use_bias = cfg.use_bias
 
         def project(name: str, heads: int, heads_axis: str) -> jax.Array:
             dense = Dense(
@@ -158,7 +160,7 @@ class Attention(nn.Module):
         q_BTNH = project("query", cfg.n_heads, "heads")
         k_BTKH = project("key", cfg.kv_heads, "kv_heads")
         v_BTKH = project("value", cfg.kv_heads, "kv_heads")
-        if cfg.style == "llama":
+        if cfg.use_rope:
             q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
             k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
 
@@ -175,7 +177,7 @@ class Attention(nn.Module):
                     raise ConfigError(f"model.attention=cudnn needs model.dtype=bfloat16 (cuDNN flash attention), got {cfg.dtype}")
                 implementation = "cudnn"
             out_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT, is_causal=True, implementation=implementation
+                q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT, is_causal=self.causal, implementation=implementation
             )
         out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
         return Dense(
@@ -235,8 +237,13 @@ def _swiglu_bwd(residuals: tuple[jax.Array, jax.Array], d_out: jax.Array) -> tup
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+def gelu(x: jax.Array, config: ModelConfig) -> jax.Array:
+    """GPT-2's tanh approximation, or the exact erf form in bert style (as BERT was trained)."""
+    return jax.nn.gelu(x, approximate=config.style != "bert")
+
+
 class MLP(nn.Module):
-    """llama: SwiGLU, down(silu(gate(x)) * up(x)), no biases. gpt2: fc_out(gelu(fc_in(x))) with biases."""
+    """llama: SwiGLU, down(silu(gate(x)) * up(x)), no biases. gpt2/bert: down(gelu(fc_in(x))) with biases."""
 
     config: ModelConfig
 
@@ -244,7 +251,7 @@ class MLP(nn.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cfg = self.config
         common = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        use_bias = cfg.style == "gpt2"
+        use_bias = cfg.use_bias
 
         def hidden(name: str) -> jax.Array:
             dense = Dense((cfg.d_ff,), ("embed", "mlp"), cfg.init_std, use_bias=use_bias, name=name, **common)
@@ -253,25 +260,110 @@ class MLP(nn.Module):
         if cfg.style == "llama":
             h_BTF = swiglu(hidden("gate"), hidden("up"))
         else:
-            h_BTF = jax.nn.gelu(hidden("fc_in"), approximate=True)  # GPT-2's tanh approximation
+            h_BTF = gelu(hidden("fc_in"), cfg)
         h_BTF = nn.with_logical_constraint(h_BTF, MLP_HIDDEN_AXES)
         down = Dense((cfg.d_model,), ("mlp", "embed"), output_projection_std(cfg), use_bias=use_bias, name="down", **common)
         return down(h_BTF)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block. Returns (x, None) so `nn.scan` can stack it as (carry, output)."""
+    """Transformer block, pre-norm (x + f(norm(x))) or, with `config.post_norm`, post-norm
+    (norm(x + f(x)), BERT). Returns (x, None) so `nn.scan` can stack it as (carry, output)."""
 
     config: ModelConfig
     decode: bool = False
     mlp_cls: type[nn.Module] = MLP  # the feed-forward: MLP, or moe.MoEFeedForward in MoE layers
+    causal: bool = True
 
     @nn.compact
     def __call__(
         self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None
     ) -> tuple[jax.Array, None]:
-        attention = Attention(self.config, decode=self.decode, name="attention")
-        x_BTD = x_BTD + attention(make_norm(self.config, "attention_norm")(x_BTD), positions_BT, segment_ids_BT)
-        x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL_AXES)
-        x_BTD = x_BTD + self.mlp_cls(self.config, name="mlp")(make_norm(self.config, "mlp_norm")(x_BTD))
+        cfg = self.config
+        attention = Attention(cfg, decode=self.decode, causal=self.causal, name="attention")
+        mlp = self.mlp_cls(cfg, name="mlp")
+        attention_norm, mlp_norm = make_norm(cfg, "attention_norm"), make_norm(cfg, "mlp_norm")
+        if cfg.post_norm:
+            x_BTD = attention_norm(x_BTD + attention(x_BTD, positions_BT, segment_ids_BT))
+            x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL_AXES)
+            x_BTD = mlp_norm(x_BTD + mlp(x_BTD))
+        else:
+            x_BTD = x_BTD + attention(attention_norm(x_BTD), positions_BT, segment_ids_BT)
+            x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL_AXES)
+            x_BTD = x_BTD + mlp(mlp_norm(x_BTD))
         return nn.with_logical_constraint(x_BTD, RESIDUAL_AXES), None
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Saves weight matmul outputs; recomputes norms, activations and attention (whose einsums have
+    # batch dimensions, so the [B, N, T, T] scores are never stored).
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def block_class(config: ModelConfig, decode: bool = False) -> type[nn.Module]:
+    """Block, under `nn.remat` when `config.remat` asks for it (never when decoding: there is no
+    backward pass to save for)."""
+    if config.remat == "none" or decode:
+        return Block
+    # Inside nn.scan the loop already stops XLA from merging the recomputation with the forward
+    # pass, so the CSE barrier is only needed for the unrolled loop.
+    return nn.remat(Block, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+
+
+def scan_stack(module_cls: type[nn.Module], length: int) -> type[nn.Module]:
+    """`length` copies of `module_cls` stacked on a leading 'layers' axis (params, KV cache and
+    sown statistics alike), run by one compiled loop body."""
+    return nn.scan(
+        module_cls,
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows of a (possibly sharded) table. The table is all-gathered first, as FSDP does for every
+    weight: a gather from a vocab-sharded table otherwise makes XLA's partitioner replicate it the
+    slow way ("involuntary full rematerialization")."""
+    return jnp.take(nn.with_logical_constraint(table, (None, None)), ids, axis=0)
+
+
+class Embed(nn.Module):
+    """Token embedding table [V, D]; `attend` reuses it as the tied unembedding."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.embedding = self.param(
+            "embedding", partitioned_normal(cfg.init_std, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype)
+        )
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        return lookup(self.embedding, tokens_BT).astype(jnp.dtype(self.config.dtype))
+
+    def attend(self, x_BTD: jax.Array) -> jax.Array:
+        table_VD = self.embedding.astype(jnp.dtype(self.config.dtype))
+        return jnp.einsum("btd,vd->btv", x_BTD, table_VD, preferred_element_type=jnp.float32)
+
+
+def learned_positions(module: nn.Module, config: ModelConfig, positions_BT: jax.Array) -> jax.Array:
+    """Rows of the learned position table `position_embedding` [max_seq_len, D] of `module`."""
+    table_init = partitioned_normal(config.init_std, (None, "embed"))
+    table = module.param("position_embedding", table_init, (config.max_seq_len, config.d_model), jnp.dtype(config.param_dtype))
+    return lookup(table, positions_BT).astype(jnp.dtype(config.dtype))
+
+
+def output_logits(module: nn.Module, config: ModelConfig, embed: Embed, x_BTD: jax.Array) -> jax.Array:
+    """float32 logits [B, T, V]: the tied embedding table, or the `unembed` [D, V] matrix of `module`."""
+    if config.tie_embeddings:
+        logits_BTV = embed.attend(x_BTD)
+    else:
+        unembed_init = partitioned_normal(config.init_std, ("embed", "vocab"))
+        unembed_DV = module.param("unembed", unembed_init, (config.d_model, config.vocab_size), jnp.dtype(config.param_dtype))
+        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, unembed_DV.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -52,10 +52,6 @@ from lmjax.models.layers import MLP, output_projection_std, partitioned_normal, 
 STATS = "moe_stats"  # name of the sown statistics in the 'intermediates' collection
 
 
-def expert_d_ff(config: ModelConfig) -> int:
-    return config.moe.d_ff_expert if config.moe.d_ff_expert is not None else config.d_ff
-
-
 def expert_capacity(tokens_per_row: int, moe: MoEConfig) -> int:
     """Assignments one expert serves per row in capacity mode (an expert never gets more than one
     assignment per token, so more than `tokens_per_row` slots would stay empty)."""
@@ -269,7 +265,7 @@ class MoEFeedForward(nn.Module):
         cfg, moe = self.config, self.config.moe
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         _, length, d_model = x_BTD.shape
-        n_experts, d_ff = moe.n_experts, expert_d_ff(cfg)
+        n_experts, d_ff = moe.n_experts, cfg.expert_d_ff
 
         router_DE = self.param("router", partitioned_normal(cfg.init_std, ("embed", None)), (d_model, n_experts), param_dtype)
         logits_BTE = jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), router_DE.astype(jnp.float32))

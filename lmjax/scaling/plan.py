@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from lmjax import flops
-from lmjax.config import Config, ConfigError, ModelConfig, build, load_config, load_yaml, parse_override, replace
-from lmjax.config import to_dict, validate
-from lmjax.scaling.runs import PARAM_CONVENTIONS
+from lmjax.config import Config, ConfigError, ModelConfig, build, flatten_dotted, load_config, load_yaml, parse_override
+from lmjax.config import replace, to_dict, validate
+from lmjax.scaling.runs import PARAM_CONVENTIONS, params_under_convention
 
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
 
@@ -116,18 +116,12 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def count_params(model: ModelConfig, convention: str) -> int:
-    """N under a convention; `non_embedding_with_head` adds a tied output head (an untied one is already in);
-    `active` counts what one token uses (MoE: router, shared and top-k routed experts)."""
-    counts = flops.param_counts(model)
-    if convention == "total":
-        return counts["total"]
-    if convention == "non_embedding":
-        return counts["non_embedding"]
-    if convention == "active":  # = total for dense models; MoE: only the top-k routed experts
-        return counts["active"]
-    if convention == "non_embedding_with_head":
-        return counts["non_embedding"] + (0 if counts["output_head"] else model.vocab_size * model.d_model)
-    raise ConfigError(f"param_convention: expected one of {', '.join(PARAM_CONVENTIONS)}, got {convention!r}")
+    """N of a model under a convention (`runs.params_under_convention`): `non_embedding_with_head` adds a
+    tied output head (an untied one is already in); `active` counts what one token uses (MoE: router,
+    shared and top-k routed experts)."""
+    if convention not in PARAM_CONVENTIONS:
+        raise ConfigError(f"param_convention: expected one of {', '.join(PARAM_CONVENTIONS)}, got {convention!r}")
+    return params_under_convention(flops.param_counts(model), convention, model.vocab_size * model.d_model)
 
 
 def _shape(base: ModelConfig, rules: ShapeRules, d_model: int, n_layers: int) -> ModelConfig:
@@ -257,21 +251,6 @@ class SweepPlan:
         }
 
 
-def _dotted(mapping: Any, where: str, prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 1}, 'data.seq_len': 64} -> {'optim.lr': 1, 'data.seq_len': 64}."""
-    if mapping is None:
-        return {}
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"{where}: expected a mapping of config keys, got {mapping!r}")
-    flat = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            flat.update(_dotted(value, where, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _as_override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"  # JSON scalars and lists are valid YAML: parse_override reads them back
 
@@ -279,12 +258,12 @@ def _as_override(key: str, value: Any) -> str:
 def resolve_base(sweep: SweepConfig, base_dir: Path) -> Config:
     """The base training config with `base_overrides` applied (validated)."""
     if isinstance(sweep.base, dict):
-        path, inline = None, _dotted(sweep.base, "base")
+        path, inline = None, flatten_dotted(sweep.base, "base")
     elif isinstance(sweep.base, str) or sweep.base is None:
         path, inline = (base_dir / sweep.base if sweep.base else None), {}
     else:
         raise ConfigError(f"base: expected a config path or a mapping, got {sweep.base!r}")
-    overrides = {**inline, **_dotted(sweep.base_overrides, "base_overrides")}
+    overrides = {**inline, **flatten_dotted(sweep.base_overrides, "base_overrides")}
     return load_config(path, [_as_override(k, v) for k, v in overrides.items()])
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from lmjax.fileio import write_json_atomic
 from lmjax.scaling.fit import FitResult, fit_scaling_laws
 from lmjax.scaling.plots import PLOT_NAMES, write_plots
 from lmjax.scaling.runs import RunTable, load_run_table
@@ -29,17 +29,19 @@ def run_fit(source: str | os.PathLike | list, out_dir: str | os.PathLike | None 
     out = Path(out_dir) if out_dir is not None else table.default_out_dir
     out.mkdir(parents=True, exist_ok=True)
     fit = result.to_json()
-    (out / "fit.json").write_text(json.dumps(fit, indent=2) + "\n")
+    write_json_atomic(out / "fit.json", fit, indent=2)
     write_plots(result, out)
     (out / "report.md").write_text(render_report(result, fit, table, source, bootstrap))
     return fit
 
 
-def _fmt(estimate: dict | None, digits: int = 3) -> str:
-    if not estimate or estimate["value"] is None:
+def format_estimate(estimate: dict | None, digits: int = 3) -> str:
+    """A fit.json estimate as text: '0.512 [0.49, 0.53]' (value [95% interval]), '0.512' without an
+    interval, 'n/a' without a value."""
+    if not estimate or estimate.get("value") is None:
         return "n/a"
     text = f"{estimate['value']:.{digits}g}"
-    if estimate["ci_low"] is not None:
+    if estimate.get("ci_low") is not None:
         text += f" [{estimate['ci_low']:.{digits}g}, {estimate['ci_high']:.{digits}g}]"
     return text
 
@@ -79,7 +81,7 @@ def render_report(result: FitResult, fit: dict, table: RunTable, source, bootstr
         (f"tokens per parameter at C = {result.largest_budget:.2g}", _approach2_tokens_per_param(result),
          approach3.get("tokens_per_param"), PUBLISHED["tokens_per_param"]),
     )
-    lines += [f"| {label} | {_fmt(isoflop)} | {_fmt(parametric)} | {published} |"
+    lines += [f"| {label} | {format_estimate(isoflop)} | {format_estimate(parametric)} | {published} |"
               for label, isoflop, parametric, published in comparisons]
     for name, part in (("Approach 2", approach2), ("Approach 3", approach3)):
         if "skipped" in part:
@@ -89,7 +91,7 @@ def render_report(result: FitResult, fit: dict, table: RunTable, source, bootstr
                   "Huber (delta 1e-3) on log loss, summed over runs, L-BFGS from 4500 grid starts "
                   "(Hoffmann et al. 2022, appendix D.2). Compute-optimal allocation under C = 6ND.", "",
                   "| E | A | B | alpha | beta |", "|---|---|---|---|---|",
-                  "| " + " | ".join(_fmt(approach3[k]) for k in ("E", "A", "B", "alpha", "beta")) + " |"]
+                  "| " + " | ".join(format_estimate(approach3[k]) for k in ("E", "A", "B", "alpha", "beta")) + " |"]
     if "skipped" not in approach2:
         lines += ["", "## Approach 2: IsoFLOP minima", "",
                   "A parabola of loss vs log N per budget; D_opt = C / (k N_opt), k the runs' own FLOPs per "
@@ -97,8 +99,8 @@ def render_report(result: FitResult, fit: dict, table: RunTable, source, bootstr
                   "| C | runs | N_opt | D_opt | loss at minimum | warning |", "|---|---|---|---|---|---|"]
         for budget in approach2["budgets"]:
             loss_min = "n/a" if budget["loss_min"] is None else f"{budget['loss_min']:.4f}"
-            lines.append(f"| {budget['C']:.3g} | {budget['n_runs']} | {_fmt(budget['N_opt'])} | "
-                         f"{_fmt(budget['D_opt'])} | {loss_min} | {budget['warning'] or ''} |")
+            lines.append(f"| {budget['C']:.3g} | {budget['n_runs']} | {format_estimate(budget['N_opt'])} | "
+                         f"{format_estimate(budget['D_opt'])} | {loss_min} | {budget['warning'] or ''} |")
     lines += ["", "## Where Approach 2 is biased", "",
               "A parabola in log N is only an approximation of the IsoFLOP profile, which is asymmetric "
               "(E + A/N^alpha + B/D^beta at fixed C). Its minimum is pulled toward the side of the grid with "

@@ -19,6 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Mapping
 
 import yaml
 
@@ -64,8 +65,7 @@ def load_runs(source: str | os.PathLike | list, param_convention: str = "total")
 
 def load_run_table(source: str | os.PathLike | list, param_convention: str = "total") -> RunTable:
     """Reads `source` (CSV, run directory, list of run directories or sweep directory)."""
-    if param_convention not in PARAM_CONVENTIONS:
-        raise FitInputError(f"param_convention '{param_convention}' is unknown; expected one of {PARAM_CONVENTIONS}")
+    _check_convention(param_convention)
     if isinstance(source, (list, tuple)):
         if not source:
             raise FitInputError("fit source: the list of run directories is empty")
@@ -187,7 +187,8 @@ def _read_run_dirs(
         budget, lr = entry.get("budget", summary.get("budget")), entry.get("lr", summary.get("lr"))
         runs.append(RunRecord(
             name=run_dir.name,
-            params=_positive(_param_count(summary, param_convention, run_dir), where, f"params ({param_convention})"),
+            params=_positive(_summary_param_count(summary, param_convention, run_dir), where,
+                             f"params ({param_convention})"),
             tokens=_positive(summary["tokens"], where, "tokens"),
             loss=_positive(summary["final_eval_loss"], where, "final_eval_loss"),
             flops=_positive(summary["train_flops"], where, "train_flops") if summary.get("train_flops") else None,
@@ -197,26 +198,46 @@ def _read_run_dirs(
     return runs, skipped
 
 
-def _param_count(summary: dict, param_convention: str, run_dir: Path) -> float:
-    """N under the chosen convention, from lmjax.flops.param_counts' split in summary.json.
+def params_under_convention(counts: Mapping[str, float | None], convention: str,
+                            tied_head: float | Callable[[], float], source: str = "param counts") -> float:
+    """N under a parameter convention, from `lmjax.flops.param_counts`' split.
 
-    flops.param_counts puts an untied output head inside `non_embedding` already; a tied head
-    shares the token table, whose size (vocab x d_model) comes from the run's config.yaml.
+    `counts` holds total, non_embedding, output_head and active (None when unknown, as in a
+    summary.json written by an older lmjax). flops.param_counts puts an untied output head inside
+    `non_embedding` already, so `non_embedding_with_head` adds `tied_head` (vocab x d_model, or a
+    callable returning it, called only when needed) for a tied head only. `active` is what one
+    token uses (MoE: router, shared and top-k routed experts; dense: total). `source` names where
+    the counts come from in errors.
     """
-    if param_convention == "total":
-        return summary["params_total"]
-    if param_convention == "active":  # what one token uses: MoE counts only the top-k experts
-        if "params_active" not in summary:
-            raise FitInputError(f"{run_dir}/summary.json: param_convention 'active' needs params_active, "
+    _check_convention(convention)
+    if convention == "total":
+        return counts["total"]
+    if convention == "active":
+        if counts.get("active") is None:
+            raise FitInputError(f"{source}: param_convention 'active' needs params_active, "
                                 "which this run's summary lacks (written by an older lmjax)")
-        return summary["params_active"]
-    if param_convention == "non_embedding" or summary["params_output_head"] > 0:
-        return summary["params_non_embedding"]
-    config_path = run_dir / "config.yaml"
-    try:
-        model = yaml.safe_load(config_path.read_text())["model"]
-        head = int(model["vocab_size"]) * int(model["d_model"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:
-        raise FitInputError(f"{config_path}: param_convention 'non_embedding_with_head' of a tied-embedding run "
-                            f"needs model.vocab_size and model.d_model from the run's config.yaml ({err})") from None
-    return summary["params_non_embedding"] + head
+        return counts["active"]
+    if convention == "non_embedding" or counts["output_head"] > 0:
+        return counts["non_embedding"]
+    return counts["non_embedding"] + (tied_head() if callable(tied_head) else tied_head)  # non_embedding_with_head
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in PARAM_CONVENTIONS:
+        raise FitInputError(f"param_convention '{convention}' is unknown; expected one of {PARAM_CONVENTIONS}")
+
+
+def _summary_param_count(summary: dict, param_convention: str, run_dir: Path) -> float:
+    """N of a finished run from its summary.json; a tied head's size comes from its config.yaml."""
+    def tied_head() -> int:
+        config_path = run_dir / "config.yaml"
+        try:
+            model = yaml.safe_load(config_path.read_text())["model"]
+            return int(model["vocab_size"]) * int(model["d_model"])
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+            raise FitInputError(f"{config_path}: param_convention 'non_embedding_with_head' of a tied-embedding "
+                                f"run needs model.vocab_size and model.d_model from the run's config.yaml ({err})"
+                                ) from None
+
+    counts = {key: summary.get(f"params_{key}") for key in ("total", "non_embedding", "output_head", "active")}
+    return params_under_convention(counts, param_convention, tied_head, source=f"{run_dir}/summary.json")

@@ -17,7 +17,6 @@ import abc
 import csv
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from typing import Any, Sequence
 
 from lmjax.config import ConfigError, load_config, save_config, to_dict
 from lmjax.errors import UserError
+from lmjax.fileio import read_completed_summary, write_json_atomic
 from lmjax.scaling.plan import PlannedRun, SweepPlan, format_number, format_table, load_sweep, plan_sweep
 
 CHILD_SHUTDOWN_SECONDS = 120  # after Ctrl-C, time a training subprocess gets to save its checkpoint
@@ -56,7 +56,7 @@ def _announce(i: int, n: int, run: PlannedRun) -> float:
 
 
 def _report_done(run: PlannedRun, start: float) -> None:
-    summary = read_summary(run.run_dir)
+    summary = read_completed_summary(run.run_dir)
     loss = f", eval loss {summary['final_eval_loss']:.4f}" if summary else ""
     print(f"      done in {time.perf_counter() - start:.0f}s{loss}", flush=True)
 
@@ -135,15 +135,6 @@ def _last_line(path: Path) -> str:
 # ----------------------------------------------------------------------------- the sweep directory
 
 
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The run's summary if it completed, else None."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if summary.get("status") == "completed" else None
-
-
 def first_difference(old: Any, new: Any, path: str = "") -> str | None:
     """Where two JSON trees differ first, as 'path: old -> new', or None if they are equal."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -191,9 +182,7 @@ def write_plan(plan: SweepPlan) -> Path:
                          "or the sweep config and overrides that made it")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"plan.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(plan.to_json(), indent=1) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, plan.to_json(), indent=1)
     return path
 
 
@@ -213,7 +202,7 @@ def run_sweep(plan: SweepPlan, executor: Executor) -> dict[str, str]:
     """Runs every unfinished run; returns {run name: why it failed} (the files decide what finished)."""
     pending, failures = [], {}
     for run in plan.runs:
-        if read_summary(run.run_dir) is not None:
+        if read_completed_summary(run.run_dir) is not None:
             continue
         try:
             write_run_config(run)
@@ -226,7 +215,7 @@ def run_sweep(plan: SweepPlan, executor: Executor) -> dict[str, str]:
         print(f"{finished} of {len(plan.runs)} runs already finished: skipped")
     reasons = executor.execute(pending) if pending else {}
     for run in pending:
-        if read_summary(run.run_dir) is None:
+        if read_completed_summary(run.run_dir) is None:
             failures[run.name] = reasons.get(run.name, "no completed summary.json after the run")
     return failures
 
@@ -234,26 +223,18 @@ def run_sweep(plan: SweepPlan, executor: Executor) -> dict[str, str]:
 # ----------------------------------------------------------------------------- fit and prediction
 
 
-def _estimate_text(estimate: dict | None) -> str:
-    if not estimate or estimate.get("value") is None:
-        return "n/a"
-    text = f"{estimate['value']:.3g}"
-    if estimate.get("ci_low") is not None:
-        text += f" [{estimate['ci_low']:.3g}, {estimate['ci_high']:.3g}]"
-    return text
-
-
 def print_fit(fit: dict, out_dir: Path) -> None:
     from lmjax.scaling.plots import PLOT_NAMES
+    from lmjax.scaling.report import format_estimate
 
     print(f"fit ({fit['n_runs']} runs, N = {fit['param_convention']} parameters): {out_dir / 'fit.json'}")
     for label, part in (("Approach 3 (parametric)", fit["approach3"]), ("Approach 2 (IsoFLOP)", fit["isoflop"])):
         if "skipped" in part:
             print(f"  {label:<23}: skipped ({part['skipped']})")
             continue
-        line = f"  {label:<23}: a = {_estimate_text(part['a'])}, b = {_estimate_text(part['b'])}"
+        line = f"  {label:<23}: a = {format_estimate(part['a'])}, b = {format_estimate(part['b'])}"
         if "tokens_per_param" in part:
-            line += f", tokens per parameter at the largest budget = {_estimate_text(part['tokens_per_param'])}"
+            line += f", tokens per parameter at the largest budget = {format_estimate(part['tokens_per_param'])}"
         print(line)
     print(f"  plot: {out_dir / PLOT_NAMES[0]} (also {', '.join(PLOT_NAMES[1:])}); report: {out_dir / 'report.md'}")
 
@@ -308,7 +289,7 @@ def predict_holdout(plan: SweepPlan, runs: list) -> dict[str, Any]:
         "param_convention": sweep.param_convention,
         "fit": str(holdout_dir / "fit.json"),
     }
-    (plan.sweep_dir / "prediction.json").write_text(json.dumps(prediction, indent=1) + "\n")
+    write_json_atomic(plan.sweep_dir / "prediction.json", prediction, indent=1)
     return prediction
 
 

@@ -1,4 +1,4 @@
-"""The training loop: one function from a Config to a finished run directory.
+"""The training loop: from a Config to a finished run directory, for every task.
 
 run_dir/config.yaml    the resolved config (a rerun must match it: that is how resume works)
 run_dir/metrics.jsonl  one JSON object per logged step and per evaluation
@@ -8,11 +8,14 @@ run_dir/checkpoints/   orbax: train state + data-iterator state, every train.che
 Running the same command again resumes from the latest checkpoint and continues the same loss
 curve bit for bit. SIGTERM/SIGINT save a checkpoint and stop; a non-finite loss or gradient stops
 the run, keeping the last good checkpoint.
+
+`Trainer` reads top to bottom: setup (`__init__`), `run` = data, restore or init, the loop
+(`_train_steps`), with `_check_and_log` (metrics one step late), `evaluate` and `save`, then
+`_finish` (the summary). What differs between tasks lives in `lmjax.tasks`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import signal
@@ -24,16 +27,16 @@ import jax
 
 import lmjax
 from lmjax import flops, sharding
-from lmjax.config import Config, ConfigError, config_yaml, load_yaml, replace, to_dict
+from lmjax.config import Config, ConfigError, build, config_yaml, flatten_dotted, load_yaml, replace, to_dict
 from lmjax.data import build_data
 from lmjax.errors import NonFiniteLossError
-from lmjax.evaluate import eval_metrics, token_bytes_array
-from lmjax.fileio import write_text_atomic
-from lmjax.models import build_model
+from lmjax.evaluate import eval_constants, evaluate
+from lmjax.fileio import read_completed_summary, write_json_atomic, write_text_atomic
+from lmjax.tasks import Task
 from lmjax.train.checkpoint import Checkpointer
 from lmjax.train.metrics import MetricsLogger
 from lmjax.train.optim import make_schedule
-from lmjax.train.step import StateFactory, make_eval_step, make_train_step
+from lmjax.train.step import ModelSetup
 
 # Keys a resumed run may change: they affect logging and bookkeeping, never the loss curve.
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "logging.")
@@ -45,16 +48,6 @@ class TrainingInterrupted(Exception):
         self.step, self.signum = step, signum
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     """Creates run_dir, or checks that one with progress holds the same run (so resuming is exact).
 
@@ -64,8 +57,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     saved_path = run_dir / "config.yaml"
     has_progress = (run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("[0-9]*"))
     if saved_path.exists() and has_progress:
-        saved = _flatten(load_yaml(saved_path))
-        current = _flatten(to_dict(cfg))
+        # Through the config builder: keys added to lmjax since the run started take their defaults.
+        saved = flatten_dotted(to_dict(build(Config, load_yaml(saved_path))))
+        current = flatten_dotted(to_dict(cfg))
         for key in sorted(set(saved) | set(current)):
             if key == "run_dir" or key.startswith(RESUMABLE_CHANGES):
                 continue
@@ -80,15 +74,6 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         write_text_atomic(saved_path, config_yaml(cfg))
-
-
-def _completed_summary(run_dir: Path, steps: int) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return summary if summary.get("status") == "completed" and summary.get("steps") == steps else None
 
 
 class _StopSignal:
@@ -111,197 +96,218 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def _device_peak(dtype: str) -> tuple[float, str]:
-    return flops.peak_flops_per_device(jax.devices()[0], dtype)
+def train(cfg: Config, devices: list[jax.Device] | None = None, task: Task | None = None) -> dict[str, Any]:
+    """Trains (or resumes) the run described by `cfg` on `devices` (default: all); returns the summary.
+
+    `task` replaces the one `train.objective` names (tests use it for toy tasks)."""
+    return Trainer(cfg, devices, task).run()
 
 
-def train(cfg: Config, devices: list[jax.Device] | None = None) -> dict[str, Any]:
-    """Trains (or resumes) the run described by `cfg` on `devices` (default: all); returns the summary."""
-    wall_start = time.perf_counter()
-    run_dir = Path(cfg.run_dir)
-    mesh = sharding.make_mesh(cfg, devices)  # mesh and batch checks before any data or compile work
-    rules = sharding.axis_rules(cfg)
-    prepare_run_dir(cfg, run_dir)
-    is_main = jax.process_index() == 0
-    finished = _completed_summary(run_dir, cfg.train.steps)
-    if finished is not None:  # also when checkpoints/ was deleted to save disk
-        if is_main:
-            print(f"{run_dir}: already complete ({cfg.train.steps} steps)")
-        return finished
+class Trainer:
+    def __init__(self, cfg: Config, devices: list[jax.Device] | None = None, task: Task | None = None):
+        self.wall_start = time.perf_counter()
+        self.cfg, self.run_dir = cfg, Path(cfg.run_dir)
+        self.setup = ModelSetup.build(cfg, devices, task)  # mesh and shape checks before any data or compile work
+        prepare_run_dir(cfg, self.run_dir)
+        self.is_main = jax.process_index() == 0
+        self.steps, self.seq_len = cfg.train.steps, cfg.data.seq_len
+        self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+        self.counts = flops.param_counts(cfg.model)
+        self.flops_per_token = flops.flops_per_token(cfg.model, self.seq_len)  # Chinchilla count: budgets, summary
+        self.model_flops_per_token = flops.model_flops_per_token(cfg.model, self.seq_len)  # matmul FLOPs: TFLOP/s, MFU
+        self.peak, self.peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype)
+        self.schedule = make_schedule(cfg)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+        # Bookkeeping of the loop (set by run()).
+        self.state = self.data = self.train_iter = self.logger = None
+        self.elapsed_before = 0.0
+        self.last_loss = self.last_eval = self.last_tokens_per_sec = None
+        self.window_time, self.window_step = None, 0
 
-    # The run directory carries its tokenizer: a resumed run (and eval/generate) reuse that file,
-    # so a cache wipe or a sentencepiece upgrade can never change the tokens mid-run.
-    run_tokenizer = run_dir / "tokenizer.model"
-    data = build_data(replace(cfg, **{"data.tokenizer.path": str(run_tokenizer)}) if run_tokenizer.exists() else cfg)
-    if is_main and not run_tokenizer.exists():
-        shutil.copyfile(data.tokenizer.path, run_tokenizer)
-    model = build_model(cfg.model)
-    factory = StateFactory(cfg, model, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        finished = read_completed_summary(self.run_dir, self.steps)
+        if finished is not None:  # also when checkpoints/ was deleted to save disk
+            if self.is_main:
+                print(f"{self.run_dir}: already complete ({self.steps} steps)")
+            self.checkpointer.close()
+            return finished
+        self._load_data()
+        start_step = self._restore_or_init()
+        self._announce(start_step)
+        self.logger = MetricsLogger(self.cfg, self.run_dir, start_step, self.steps)
+        self.window_step = start_step
+        try:
+            self._train_steps(start_step)
+        except BaseException:
+            self.logger.close()
+            raise
+        finally:
+            self.checkpointer.close()
+            self.train_iter.close()
+        return self._finish()
 
-    counts = flops.param_counts(cfg.model)
-    seq_len, batch_size, steps = cfg.data.seq_len, cfg.data.global_batch_size, cfg.train.steps
-    flops_per_token = flops.flops_per_token(cfg.model, seq_len)  # Chinchilla count: budgets, summary
-    model_flops_per_token = flops.model_flops_per_token(cfg.model, seq_len)  # matmul FLOPs: TFLOP/s, MFU
-    tokens_per_step = batch_size * seq_len
-    peak, peak_source = _device_peak(cfg.model.dtype)
-    n_devices = mesh.devices.size
-    schedule = make_schedule(cfg)
-    token_bytes = token_bytes_array(data.tokenizer, cfg.model.vocab_size, mesh)
+    def _load_data(self) -> None:
+        # The run directory carries its tokenizer: a resumed run (and eval/generate) reuse that file,
+        # so a cache wipe or a sentencepiece upgrade can never change the tokens mid-run.
+        run_tokenizer = self.run_dir / "tokenizer.model"
+        cfg = replace(self.cfg, **{"data.tokenizer.path": str(run_tokenizer)}) if run_tokenizer.exists() else self.cfg
+        self.data = build_data(cfg, self.setup.task.layout)
+        if self.is_main and not run_tokenizer.exists():
+            shutil.copyfile(self.data.tokenizer.path, run_tokenizer)
+        self.train_iter = self.data.train_iterator(jax.process_index(), jax.process_count())
+        host_eval = self.data.eval_batches(self.cfg.train.eval_batches, jax.process_index(), jax.process_count())
+        self.eval_batches = [self.setup.global_batch(b) for b in host_eval]
+        self.eval_constants = eval_constants(self.setup, self.data)
 
-    train_iter = data.train_iterator(jax.process_index(), jax.process_count())
-    latest = checkpointer.latest_step()
-    elapsed_before = 0.0
-    if latest is not None:
-        state, data_state = checkpointer.restore(latest, factory.abstract())
-        train_iter.set_state(data_state["iterator"])
-        elapsed_before = float(data_state.get("wall_time_s", 0.0))
-    else:
-        state = factory.create(cfg.seed)
-    start_step = int(jax.device_get(state.step))
+    def _restore_or_init(self) -> int:
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            self.state = self.setup.factory.create(self.cfg.seed)
+        else:
+            self.state, data_state = self.checkpointer.restore(latest, self.setup.factory.abstract())
+            self.train_iter.set_state(data_state["iterator"])
+            self.elapsed_before = float(data_state.get("wall_time_s", 0.0))
+        return int(jax.device_get(self.state.step))
 
-    summary_path = run_dir / "summary.json"
-
-    if is_main:
+    def _announce(self, start_step: int) -> None:
+        if not self.is_main:
+            return
+        mesh = self.setup.mesh
         shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
         print(
-            f"lmjax {lmjax.__version__} | {counts['total']:,} params ({counts['non_embedding']:,} non-embedding) | "
-            f"mesh {shape} on {n_devices} {jax.devices()[0].platform} device(s) | "
-            f"{data.stats['tokens']['train']:,} train tokens | "
-            + (f"resuming at step {start_step}" if start_step else f"{steps} steps of {tokens_per_step:,} tokens")
+            f"lmjax {lmjax.__version__} | {self.cfg.model.family} {self.setup.task.name} | "
+            f"{self.counts['total']:,} params ({self.counts['non_embedding']:,} non-embedding) | "
+            f"mesh {shape} on {mesh.devices.size} {jax.devices()[0].platform} device(s) | "
+            f"{self.data.stats['tokens']['train']:,} train tokens | "
+            + (f"resuming at step {start_step}" if start_step else f"{self.steps} steps of {self.tokens_per_step:,} tokens")
         )
 
-    train_step = make_train_step(cfg, model, factory, batch_sharding)
-    eval_step = make_eval_step(model, factory, batch_sharding)
-    eval_batches = [
-        sharding.host_batch_to_global(b, batch_sharding)
-        for b in data.eval_batches(cfg.train.eval_batches, jax.process_index(), jax.process_count())
-    ]
-    logger = MetricsLogger(cfg, run_dir, start_step, steps)
+    def _train_steps(self, step: int) -> None:
+        train_step = self.setup.train_step()
+        self.eval_step = self.setup.eval_step()
+        every = self.cfg.train
+        pending = None  # (step, metrics) not yet pulled to the host
+        with _StopSignal() as stop, sharding.activate(self.setup.mesh, self.setup.rules):
+            while step < self.steps:
+                batch = self.setup.global_batch(next(self.train_iter))
+                self.state, metrics = train_step(self.state, batch)
+                step += 1
+                if pending is not None:
+                    self._check_and_log(*pending)
+                pending = (step, metrics)
+                at_checkpoint = step % every.checkpoint_every == 0 or step == self.steps
+                at_eval = step == self.steps or (every.eval_every and step % every.eval_every == 0)
+                if at_checkpoint or at_eval or stop.signum is not None:
+                    self._check_and_log(*pending)  # never checkpoint a state whose loss was not checked
+                    pending = None
+                if at_eval:
+                    self.evaluate(step)
+                if at_checkpoint or stop.signum is not None:
+                    self.save(step)
+                if stop.signum is not None and step < self.steps:
+                    self.checkpointer.wait()
+                    raise TrainingInterrupted(step, stop.signum)
+            if self.last_eval is None:  # resumed from the final checkpoint of a run killed before its summary
+                self.evaluate(step)
+            self.checkpointer.wait()
 
-    def evaluate(step: int) -> dict[str, float]:
-        record = {"step": step, **eval_metrics(eval_step, state.params, eval_batches, token_bytes)}
-        logger.log(record)
-        return record
-
-    window = {"time": None, "step": start_step}
-    last = {"loss": None, "eval": None, "tokens_per_sec": None}
-
-    def finalize(step: int, metrics: Any) -> None:
-        """Pulls step `step`'s metrics to the host (one step late: the device never waits)."""
+    # ------------------------------------------------------------------ per step
+    def _check_and_log(self, step: int, metrics: Any) -> None:
+        """Pulls step `step`'s metrics to the host (one step late: the device never waits), stops
+        on a non-finite value, logs every `train.log_every` steps."""
         m = jax.device_get(metrics)
         loss, grad_norm, param_norm = float(m["loss"]), float(m["grad_norm"]), float(m["param_norm"])
         # The updated parameters too: a checkpoint is only as good as the weights it holds.
         if not (math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(param_norm)):
-            good = checkpointer.latest_step()
-            kept = f"last good checkpoint: step {good} in {checkpointer.directory}" if good is not None else "no checkpoint was saved"
+            good = self.checkpointer.latest_step()
+            kept = f"last good checkpoint: step {good} in {self.checkpointer.directory}" if good is not None else "no checkpoint was saved"
             raise NonFiniteLossError(
                 f"non-finite loss ({loss}), grad norm ({grad_norm}) or parameter norm ({param_norm}) at step {step}; {kept}"
             )
-        last["loss"] = loss
+        self.last_loss = loss
         now = time.perf_counter()
-        if step % cfg.train.log_every == 0 or step == steps:
+        if step % self.cfg.train.log_every == 0 or step == self.steps:
             record = {
                 "step": step,
                 "loss": loss,
-                "z_loss": float(m["z_loss"]),
-                "lr": float(schedule(step - 1)),
+                "lr": float(self.schedule(step - 1)),
                 "grad_norm": grad_norm,
                 "param_norm": param_norm,
-                "tokens": step * tokens_per_step,
+                "tokens": step * self.tokens_per_step,
             }
-            # Objective-specific metrics (e.g. moe/...): scalars as numbers, vectors as lists.
-            record.update({k: v.tolist() for k, v in m.items() if k not in ("loss", "z_loss", "grad_norm", "param_norm", "target_tokens")})
-            # Throughput once the first (compiling) step is behind; null until then.
-            record.update(tokens_per_sec=None, tflops_per_sec=None, mfu=None, step_time_s=None)
-            if window["time"] is not None:
-                seconds = now - window["time"]
-                tokens_per_sec = (step - window["step"]) * tokens_per_step / seconds
-                last["tokens_per_sec"] = tokens_per_sec
-                record.update(
-                    tokens_per_sec=tokens_per_sec,
-                    tflops_per_sec=tokens_per_sec * model_flops_per_token / 1e12,
-                    mfu=flops.mfu(tokens_per_sec / n_devices, model_flops_per_token, peak),
-                    step_time_s=seconds / (step - window["step"]),
-                )
-            logger.log(record)
-        if window["time"] is None or step % cfg.train.log_every == 0:
-            window.update(time=now, step=step)
-        logger.progress(step, loss, last["tokens_per_sec"])
+            # Task metrics (z_loss, mlm_accuracy, moe/...): scalars as numbers, vectors as lists.
+            record.update({k: v.tolist() for k, v in m.items() if k not in record and not k.startswith("target_")})
+            record.update(self._throughput(step, now))
+            self.logger.log(record)
+        if self.window_time is None or step % self.cfg.train.log_every == 0:
+            self.window_time, self.window_step = now, step
+        self.logger.progress(step, loss, self.last_tokens_per_sec)
 
-    def save(step: int) -> None:
-        wall = elapsed_before + time.perf_counter() - wall_start
-        checkpointer.save(step, state, {"iterator": train_iter.get_state(), "wall_time_s": wall})
+    def _throughput(self, step: int, now: float) -> dict[str, float | None]:
+        """Tokens/s, TFLOP/s and MFU since the last logged step; null until the first (compiling)
+        step is behind."""
+        if self.window_time is None:
+            return {"tokens_per_sec": None, "tflops_per_sec": None, "mfu": None, "step_time_s": None}
+        seconds = now - self.window_time
+        tokens_per_sec = (step - self.window_step) * self.tokens_per_step / seconds
+        self.last_tokens_per_sec = tokens_per_sec
+        return {
+            "tokens_per_sec": tokens_per_sec,
+            "tflops_per_sec": tokens_per_sec * self.model_flops_per_token / 1e12,
+            "mfu": flops.mfu(tokens_per_sec / self.setup.mesh.devices.size, self.model_flops_per_token, self.peak),
+            "step_time_s": seconds / (step - self.window_step),
+        }
 
-    pending = None
-    step = start_step
-    try:
-        with _StopSignal() as stop, sharding.activate(mesh, rules):
-            while step < steps:
-                batch = sharding.host_batch_to_global(next(train_iter), batch_sharding)
-                state, metrics = train_step(state, batch)
-                step += 1
-                if pending is not None:
-                    finalize(*pending)
-                pending = (step, metrics)
-                at_checkpoint = step % cfg.train.checkpoint_every == 0 or step == steps
-                at_eval = step == steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
-                if at_checkpoint or at_eval or stop.signum is not None:
-                    finalize(*pending)  # never checkpoint a state whose loss was not checked
-                    pending = None
-                if at_eval:
-                    last["eval"] = evaluate(step)
-                if at_checkpoint or stop.signum is not None:
-                    save(step)
-                if stop.signum is not None and step < steps:
-                    checkpointer.wait()
-                    raise TrainingInterrupted(step, stop.signum)
-            if last["eval"] is None:  # resumed from the final checkpoint of a run killed before its summary
-                last["eval"] = evaluate(step)
-            checkpointer.wait()
-    except BaseException:
-        logger.close()
-        raise
-    finally:
-        checkpointer.close()
-        train_iter.close()
+    def evaluate(self, step: int) -> None:
+        metrics = evaluate(self.eval_step, self.setup.task, self.state.params, self.state.frozen, self.eval_batches, self.eval_constants)
+        self.last_eval = {"step": step, **metrics}
+        self.logger.log(self.last_eval)
 
-    wall_time = elapsed_before + time.perf_counter() - wall_start
-    summary = {
-        "status": "completed",
-        "steps": steps,
-        "final_train_loss": last["loss"],
-        "final_eval_loss": last["eval"]["eval_loss"],
-        "final_eval_ppl": last["eval"]["eval_ppl"],
-        "final_eval_bpb": last["eval"]["eval_bpb"],
-        "params_total": counts["total"],
-        "params_non_embedding": counts["non_embedding"],
-        "params_embedding": counts["embedding"],
-        "params_output_head": counts["output_head"],
-        "params_active": counts["active"],
-        "tokens": steps * tokens_per_step,
-        "flops_per_token": flops_per_token,
-        "train_flops": flops_per_token * steps * tokens_per_step,
-        "tokens_per_sec": last["tokens_per_sec"],
-        "peak_flops_per_device": peak,
-        "peak_flops_source": peak_source,
-        "devices": n_devices,
-        "wall_time_s": wall_time,
-        "corpus_fingerprint": data.fingerprint,
-        "data_skipped": data.stats["skipped"],
-        "model_flops_per_token": model_flops_per_token,
-        "tokenizer": str(data.tokenizer.path),
-        "lmjax_version": lmjax.__version__,
-        "jax_version": jax.__version__,
-    }
-    if is_main:
-        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-        logger.write_summary(summary)
-    logger.close()
-    if is_main:
-        print(
-            f"done: eval loss {summary['final_eval_loss']:.4f}, {summary['final_eval_bpb']:.4f} bits/byte, "
-            f"{summary['tokens']:,} tokens in {wall_time:.1f}s -> {run_dir}"
-        )
-    return summary
+    def save(self, step: int) -> None:
+        wall = self.elapsed_before + time.perf_counter() - self.wall_start
+        self.checkpointer.save(step, self.state, {"iterator": self.train_iter.get_state(), "wall_time_s": wall})
+
+    # ------------------------------------------------------------------ the end
+    def _finish(self) -> dict[str, Any]:
+        wall_time = self.elapsed_before + time.perf_counter() - self.wall_start
+        counts, tokens = self.counts, self.steps * self.tokens_per_step
+        final_eval = {f"final_{k}": v for k, v in self.last_eval.items() if k.startswith("eval_") and k != "eval_tokens"}
+        summary = {
+            "status": "completed",
+            "steps": self.steps,
+            "model_family": self.cfg.model.family,
+            "objective": self.setup.task.name,
+            "final_train_loss": self.last_loss,
+            **final_eval,
+            "params_total": counts["total"],
+            "params_non_embedding": counts["non_embedding"],
+            "params_embedding": counts["embedding"],
+            "params_output_head": counts["output_head"],
+            "params_active": counts["active"],
+            "tokens": tokens,
+            "flops_per_token": self.flops_per_token,
+            "train_flops": self.flops_per_token * tokens,
+            "tokens_per_sec": self.last_tokens_per_sec,
+            "peak_flops_per_device": self.peak,
+            "peak_flops_source": self.peak_source,
+            "devices": self.setup.mesh.devices.size,
+            "wall_time_s": wall_time,
+            "corpus_fingerprint": self.data.fingerprint,
+            "data_skipped": self.data.stats["skipped"],
+            "model_flops_per_token": self.model_flops_per_token,
+            "tokenizer": str(self.data.tokenizer.path),
+            "lmjax_version": lmjax.__version__,
+            "jax_version": jax.__version__,
+        }
+        if self.is_main:
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            self.logger.write_summary(summary)
+        self.logger.close()
+        if self.is_main:
+            extra = "".join(f", {k.removeprefix('final_eval_')} {v:.4f}" for k, v in final_eval.items() if k != "final_eval_loss")
+            print(
+                f"done: eval loss {summary['final_eval_loss']:.4f}{extra}, "
+                f"{tokens:,} tokens in {wall_time:.1f}s -> {self.run_dir}"
+            )
+        return summary

@@ -52,7 +52,7 @@ class MetricsLogger:
 
             run_id_file = run_dir / "wandb_id"
             run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:12]
-            run_id_file.write_text(run_id)
+            write_text_atomic(run_id_file, run_id)
             self.wandb_run = wandb.init(
                 project=cfg.logging.wandb_project,
                 name=run_dir.name,

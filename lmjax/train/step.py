@@ -2,12 +2,13 @@
 
 At the jit boundary the state is a plain pytree (`TrainState`): the step is a pure function
 `(state, batch) -> (state, metrics)` compiled once with explicit in/out shardings and the state
-donated, so parameters and optimizer moments are updated in place on every device.
+donated, so parameters and optimizer moments are updated in place on every device. What the loss
+is, and what a batch holds, is the task's business (`lmjax.tasks`).
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -19,12 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmjax import sharding
 from lmjax.config import Config
-from lmjax.objectives import OBJECTIVES, eval_sums
+from lmjax.models import build_model
+from lmjax.tasks import Task, build_task
 from lmjax.train.optim import make_optimizer
-
-
-# Sums every objective returns; the step turns them into loss, z_loss and target_tokens.
-STEP_SUMS = ("loss_sum", "z_loss_sum", "tokens")
 
 
 @flax.struct.dataclass
@@ -32,37 +30,44 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    frozen: Any  # the task's frozen state (e.g. a DPO reference model): never updated; {} when none
 
 
 def abstract_params(cfg: Config, model: nn.Module) -> Any:
     """Parameter shapes with their logical-axis boxes, without allocating anything."""
-    tokens = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
-    return jax.eval_shape(lambda rng: model.init(rng, tokens)["params"], jax.random.key(0))
+    inputs = model.example_inputs(1, cfg.data.seq_len)
+    return jax.eval_shape(lambda rng: model.init(rng, *inputs)["params"], jax.random.key(0))
 
 
 class StateFactory:
     """Creates the sharded TrainState, its shardings and its abstract (shape-only) version."""
 
-    def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, rules):
-        self.cfg, self.model, self.mesh = cfg, model, mesh
-        boxed = abstract_params(cfg, model)
-        self.tx = make_optimizer(cfg, boxed)
-        param_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
-        params = nn.unbox(boxed)
+    def __init__(self, cfg: Config, model: nn.Module, task: Task, mesh: Mesh, rules):
+        self.cfg, self.model, self.task, self.mesh = cfg, model, task, mesh
+        boxed_params, boxed_frozen = jax.eval_shape(self._init_boxed, jax.random.key(0))
+        self.tx = make_optimizer(cfg, boxed_params)
+        param_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed_params), mesh, rules)
+        frozen_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed_frozen), mesh, rules)
+        params, frozen = nn.unbox(boxed_params), nn.unbox(boxed_frozen)
         sharding.check_divisible(params, param_shardings)
+        sharding.check_divisible(frozen, frozen_shardings, what="frozen state")
         replicated = NamedSharding(mesh, P())
         opt_abstract = jax.eval_shape(self.tx.init, params)
         # Optimizer moments mirror the parameters and take their shardings; counters replicate.
         opt_shardings = optax.tree_map_params(
             self.tx, lambda _, s: s, opt_abstract, param_shardings, transform_non_params=lambda _: replicated
         )
-        self.shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+        self.shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, frozen=frozen_shardings)
         self.param_shapes = params
 
+    def _init_boxed(self, rng: jax.Array) -> tuple[Any, Any]:
+        """(params, frozen state) with their logical-axis boxes."""
+        params = self.model.init(rng, *self.model.example_inputs(1, self.cfg.data.seq_len))["params"]
+        return params, self.task.init_frozen(jax.random.fold_in(rng, 1), params)
+
     def _init(self, rng: jax.Array) -> TrainState:
-        tokens = jnp.zeros((1, self.cfg.data.seq_len), jnp.int32)
-        params = nn.unbox(self.model.init(rng, tokens)["params"])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+        params, frozen = nn.unbox(self._init_boxed(rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), frozen=frozen)
 
     def create(self, seed: int) -> TrainState:
         """Parameters are created already sharded: no device ever holds a full copy."""
@@ -85,17 +90,16 @@ def _split_microbatches(batch: dict[str, jax.Array], n: int, batch_axes) -> dict
     return jax.tree.map(split, batch)
 
 
-def make_train_step(cfg: Config, model: nn.Module, factory: StateFactory, batch_sharding: NamedSharding):
-    objective = functools.partial(OBJECTIVES[cfg.train.objective], model=model, z_loss=cfg.train.z_loss)
-    n_micro = cfg.train.microbatches
-    tx = factory.tx
-    grad_fn = jax.value_and_grad(lambda p, b: objective(p, b), has_aux=True)
+def make_train_step(cfg: Config, model: nn.Module, factory: StateFactory, batch_shardings: dict[str, NamedSharding]):
+    task, tx, n_micro = factory.task, factory.tx, cfg.train.microbatches
+    batch_axes = next(iter(batch_shardings.values())).spec[0]
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        grad_fn = jax.value_and_grad(lambda p, b: task.loss(p, state.frozen, b, model), has_aux=True)
         if n_micro == 1:
             (_, sums), grads = grad_fn(state.params, batch)
         else:
-            micro = _split_microbatches(batch, n_micro, batch_sharding.spec[0])
+            micro = _split_microbatches(batch, n_micro, batch_axes)
 
             def accumulate(carry, mb):
                 (_, s), g = grad_fn(state.params, mb)
@@ -104,37 +108,65 @@ def make_train_step(cfg: Config, model: nn.Module, factory: StateFactory, batch_
             (_, sums_shape), grads_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro))
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, sums_shape))
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
-        # Objectives return sums; one division by the global target-token count makes the
-        # gradient independent of how the batch was split over devices and micro-batches.
-        tokens = jnp.maximum(sums["tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / tokens, grads)
+        # Tasks return sums; one division by the global normaliser (target tokens, pairs) makes
+        # the gradient independent of how the batch was split over devices and micro-batches.
+        count = jnp.maximum(sums[task.normalizer], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": sums["loss_sum"] / tokens,
-            "z_loss": sums["z_loss_sum"] / tokens,
-            "grad_norm": grad_norm,
-            "param_norm": optax.tree.norm(params),
-            "target_tokens": sums["tokens"],
-        }
-        # Any other entry (e.g. `moe/...`) is a token-weighted sum: log its per-token average.
-        metrics.update({name: value / tokens for name, value in sums.items() if name not in STEP_SUMS})
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        metrics = {**task.train_metrics(sums), "grad_norm": grad_norm, "param_norm": optax.tree.norm(params)}
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, frozen=state.frozen)
+        return new_state, metrics
 
     replicated = NamedSharding(factory.mesh, P())
     return jax.jit(
         step,
-        in_shardings=(factory.shardings, batch_sharding),
+        in_shardings=(factory.shardings, batch_shardings),
         out_shardings=(factory.shardings, replicated),
         donate_argnums=0,
     )
 
 
-def make_eval_step(model: nn.Module, factory: StateFactory, batch_sharding: NamedSharding):
+def make_eval_step(model: nn.Module, factory: StateFactory, batch_shardings: dict[str, NamedSharding]):
+    """jitted (params, frozen, batch, constants) -> the task's eval sums (replicated)."""
     replicated = NamedSharding(factory.mesh, P())
 
-    def step(params, batch, token_bytes):
-        return eval_sums(params, batch, model, token_bytes)
+    def step(params, frozen, batch, constants):
+        return factory.task.eval_sums(params, frozen, batch, model, constants)
 
-    return jax.jit(step, in_shardings=(factory.shardings.params, batch_sharding, replicated), out_shardings=replicated)
+    shardings = factory.shardings
+    return jax.jit(step, in_shardings=(shardings.params, shardings.frozen, batch_shardings, replicated), out_shardings=replicated)
+
+
+@dataclasses.dataclass
+class ModelSetup:
+    """What every command that runs a model on the mesh builds first, in one place."""
+
+    cfg: Config
+    mesh: Mesh
+    rules: tuple
+    task: Task
+    model: nn.Module
+    factory: StateFactory
+    batch_shardings: dict[str, NamedSharding]
+
+    @classmethod
+    def build(cls, cfg: Config, devices: list | None = None, task: Task | None = None) -> ModelSetup:
+        """Mesh and shape checks come first, before any data is read or anything compiles."""
+        mesh = sharding.make_mesh(cfg, devices)
+        rules = sharding.axis_rules(cfg)
+        task = task if task is not None else build_task(cfg)
+        model = build_model(cfg.model)
+        factory = StateFactory(cfg, model, task, mesh, rules)
+        shardings = sharding.batch_shardings(mesh, rules, task.batch_schema(cfg.data.global_batch_size))
+        return cls(cfg, mesh, rules, task, model, factory, shardings)
+
+    def global_batch(self, host_batch: dict) -> dict[str, jax.Array]:
+        return sharding.host_batch_to_global(host_batch, self.batch_shardings)
+
+    def train_step(self):
+        return make_train_step(self.cfg, self.model, self.factory, self.batch_shardings)
+
+    def eval_step(self):
+        return make_eval_step(self.model, self.factory, self.batch_shardings)

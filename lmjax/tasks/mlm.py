@@ -1,0 +1,67 @@
+"""`train.objective: mlm`: masked-token prediction (BERT) for the encoder family.
+
+Batches are windows of the corpus corrupted by `lmjax.data.masking` (15% of tokens selected, of
+those 80% <mask>, 10% random, 10% kept); loss and accuracy count the selected tokens only.
+Eval also reports the accuracy of the unigram-frequency baseline (always predicting the most
+frequent regular token of the training split) on the same selected tokens.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax.data.masking import MaskedRows, MaskingTables
+from lmjax.tasks.base import Task, sown_aux_loss, token_cross_entropy
+
+
+class MLMTask(Task):
+    name = "mlm"
+
+    def layout(self, tokenizer):
+        tables = MaskingTables(tokenizer, self.cfg.mlm, self.cfg.data.tokenizer.special_tokens)
+        return MaskedRows(self.cfg.mlm, tables, self.cfg.seed)
+
+    def _masked_sums(self, logits_BLV, batch) -> dict:
+        ce_BL, log_z_BL = token_cross_entropy(logits_BLV, batch["targets"])
+        mask_BL = batch["loss_mask"].astype(jnp.float32)
+        correct_BL = (jnp.argmax(logits_BLV, axis=-1) == batch["targets"]).astype(jnp.float32)
+        return {
+            "loss_sum": jnp.sum(ce_BL * mask_BL),
+            "z_loss_sum": jnp.sum(jnp.square(log_z_BL) * mask_BL),
+            "mlm_accuracy_sum": jnp.sum(correct_BL * mask_BL),
+            "tokens": jnp.sum(mask_BL),
+        }
+
+    def loss(self, params, frozen, batch, model):
+        logits_BLV, state = model.apply({"params": params}, *self.model_inputs(batch), mutable=["intermediates"])
+        sums = self._masked_sums(logits_BLV, batch)
+        z_loss = self.cfg.train.z_loss
+        objective = sums["loss_sum"] + z_loss * sums["z_loss_sum"] if z_loss else sums["loss_sum"]
+        aux_loss, aux_metrics = sown_aux_loss(state)
+        if aux_loss is not None:
+            objective = objective + aux_loss * sums["tokens"]
+            sums.update({name: value * sums["tokens"] for name, value in aux_metrics.items()})
+        return objective, sums
+
+    def eval_constants(self, tokenizer, data):
+        constants = super().eval_constants(tokenizer, data)
+        counts = np.bincount(np.asarray(data.train.tokens), minlength=tokenizer.vocab_size)
+        regular = self.layout(tokenizer).tables.random_pool  # ids that are neither control nor special
+        constants["most_frequent_token"] = np.asarray(regular[np.argmax(counts[regular])], np.int32)
+        return constants
+
+    def eval_sums(self, params, frozen, batch, model, constants):
+        logits_BLV = model.apply({"params": params}, *self.model_inputs(batch))
+        sums = self._masked_sums(logits_BLV, batch)
+        mask_BL = batch["loss_mask"].astype(jnp.float32)
+        sums["bytes"] = jnp.sum(constants["token_bytes"][batch["targets"]] * mask_BL)
+        sums["unigram_correct"] = jnp.sum((batch["targets"] == constants["most_frequent_token"]) * mask_BL)
+        return sums
+
+    def eval_metrics(self, totals):
+        metrics = super().eval_metrics(totals)  # loss, perplexity and bits per byte over the masked tokens
+        tokens = max(totals["tokens"], 1.0)
+        metrics["eval_mlm_accuracy"] = totals["mlm_accuracy_sum"] / tokens
+        metrics["eval_unigram_accuracy"] = totals["unigram_correct"] / tokens
+        return metrics
