@@ -347,3 +347,38 @@ def csv_rows(path: Path):
 
     with path.open() as handle:
         yield from csv.DictReader(handle)
+
+
+def reference_encoder_flops_per_token(d: int, layers: int, heads: int, ff: int, vocab: int, seq: int) -> float:
+    """Appendix F for a BERT-style encoder, written out here: the decoder's terms (GELU MLP: 2
+    matrices, attention over all T x T scores) plus the MLM head's D x D transform."""
+    attention = 2 * seq * d * 3 * d + 2 * seq * seq * d + 3 * heads * seq * seq + 2 * seq * seq * d + 2 * seq * d * d
+    forward = 2 * seq * vocab * d + layers * (attention + 2 * seq * 2 * d * ff) + 2 * seq * d * d + 2 * seq * d * vocab
+    return 3 * forward / seq
+
+
+def test_sweep_over_encoder_sizes_plans_counts_runs_and_fits(tmp_path, tiny_sweep, capsys):
+    sweep_file = tiny_sweep(tmp_path)
+    sweep = yaml.safe_load(sweep_file.read_text())
+    sweep["base"] = str(DENSE_TINY.parent / "bert_tiny.yaml")
+    sweep["base_overrides"] = {
+        "model.vocab_size": 512, "model.max_seq_len": 32, "data.seq_len": 32, "data.global_batch_size": 16,
+        "data.max_documents": 60, "data.val_fraction": 0.1, "data.cache_dir": yaml.safe_load(sweep_file.read_text())["base"]["data"]["cache_dir"],
+        "train.log_every": 5, "train.eval_every": 0, "train.eval_batches": 1, "train.checkpoint_every": 100,
+        "logging.wandb": "off", "logging.progress": False,
+    }
+    write_sweep(sweep_file, sweep)
+    assert sweep_command(str(sweep_file), [], plan_only=False, executor=InProcessExecutor(devices=jax.devices()[:1])) == 0
+    plan = json.loads((tmp_path / "sweep" / "plan.json").read_text())
+    assert len(plan["runs"]) == 6
+    for entry in plan["runs"]:
+        run_dir = tmp_path / "sweep" / "runs" / entry["name"]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        model = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+        assert summary["objective"] == "mlm" and model["family"] == "encoder"
+        per_token = reference_encoder_flops_per_token(model["d_model"], model["n_layers"], model["n_heads"], model["d_ff"], 512, 32)
+        assert summary["flops_per_token"] == pytest.approx(per_token, rel=1e-12)
+        assert summary["train_flops"] == pytest.approx(entry["budget"], rel=0.05)
+    fit = json.loads((tmp_path / "sweep" / "fit.json").read_text())
+    assert fit["n_runs"] == 6
+    assert "skipped" not in fit["approach3"]

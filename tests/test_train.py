@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lmjax import cli, sharding
-from lmjax.config import load_config
+from lmjax.config import load_config, replace
 from lmjax.evaluate import load_run
 from lmjax.models import build_model
 from lmjax.train.loop import train
@@ -157,6 +158,8 @@ def test_rerun_of_finished_run_is_a_no_op(resume_setup, capsys):
 
 
 def test_eval_and_generate_read_a_finished_run(resume_setup, capsys):
+    from lmjax.data import build_data, load_tokenizer
+
     root, _, _, _ = resume_setup
     reference = root / "reference"
     summary = json.loads((reference / "summary.json").read_text())
@@ -164,8 +167,41 @@ def test_eval_and_generate_read_a_finished_run(resume_setup, capsys):
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["step"] == 120
     assert evaluated["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)  # same batches, same weights
+
+    # Loss and bits per byte recomputed independently: float64 log-softmax in numpy, and the bytes
+    # of the text the target tokens decode to (not the trainer's per-token byte table).
+    run = load_run(reference, [f"mesh.{a}=1" for a in ("data", "fsdp", "tensor", "expert")], devices=jax.devices()[:1])
+    tokenizer = load_tokenizer(reference / "tokenizer.model")
+    data = build_data(replace(run.cfg, **{"data.tokenizer.path": str(reference / "tokenizer.model")}))
+    nll, n_bytes = 0.0, 0
+    for batch in data.eval_batches(run.cfg.train.eval_batches):
+        logits = np.asarray(run.model.apply({"params": run.params}, batch["tokens"], batch["positions"], batch["segment_ids"]), np.float64)
+        log_z = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+        target_logit = np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+        mask = batch["loss_mask"] > 0
+        nll += float(((log_z - target_logit) * mask).sum())
+        for row_targets, row_mask in zip(batch["targets"], mask):
+            # Decode each run of consecutive predicted targets at once, so multi-byte characters stay whole.
+            run_start = None
+            for i, m in enumerate(list(row_mask) + [False]):
+                if m and run_start is None:
+                    run_start = i
+                elif not m and run_start is not None:
+                    n_bytes += len(tokenizer.decode(row_targets[run_start:i]).encode("utf-8"))
+                    run_start = None
+    assert evaluated["eval_bpb"] == pytest.approx(nll / math.log(2) / n_bytes, rel=2e-3)
+
+    # Generation equals greedy decoding by full recomputation (no KV cache), token by token.
     assert cli.main(["generate", str(reference), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
-    assert capsys.readouterr().out.startswith("def ")
+    generated = capsys.readouterr().out.rstrip("\n")
+    ids = tokenizer.encode("def ")
+    for _ in range(8):
+        logits = run.model.apply({"params": run.params}, jnp.asarray([ids], jnp.int32))
+        ids.append(int(jnp.argmax(logits[0, -1])))
+        if ids[-1] == tokenizer.eos_id:
+            ids.pop()
+            break
+    assert generated == "def " + tokenizer.decode(ids[len(tokenizer.encode("def ")):])
 
 
 def test_tiny_model_memorizes_a_batch():
