@@ -19,3 +19,5 @@ for layers in 4 32; do
       --steps 2 --warmup 0 --out "$out/compile_L${layers}_scan_${scan}.json"
   done
 done
+# The encoder-only masked LM (experiments/mlm_cpu), beside dense_tiny above.
+"$lmjax" bench configs/bert_tiny.yaml logging.wandb=off --steps 20 --out "$out/bert_tiny_cpu.json"
