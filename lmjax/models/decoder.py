@@ -38,6 +38,7 @@ from lmjax.models.layers import (
     RESIDUAL_AXES,
     Block,
     Embed,
+    LanguageModel,
     block_class,
     learned_positions,
     make_norm,
@@ -75,13 +76,7 @@ class MoELayerGroup(nn.Module):
         return moe_block(x_BTD, positions_BT, segment_ids_BT)
 
 
-class DecoderLM(nn.Module):
-    config: ModelConfig
-
-    def example_inputs(self, batch: int, length: int) -> tuple[jax.Array, ...]:
-        """Arguments of a forward pass of this shape (for `init` and shape inference)."""
-        return (jnp.zeros((batch, length), jnp.int32),)
-
+class DecoderLM(LanguageModel):
     @nn.compact
     def __call__(
         self,

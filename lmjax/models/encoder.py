@@ -34,6 +34,7 @@ from lmjax.models.layers import (
     RESIDUAL_AXES,
     Dense,
     Embed,
+    LanguageModel,
     block_class,
     gelu,
     learned_positions,
@@ -45,13 +46,7 @@ from lmjax.models.layers import (
 )
 
 
-class EncoderMLM(nn.Module):
-    config: ModelConfig
-
-    def example_inputs(self, batch: int, length: int) -> tuple[jax.Array, ...]:
-        """Arguments of a forward pass of this shape (for `init` and shape inference)."""
-        return (jnp.zeros((batch, length), jnp.int32),)
-
+class EncoderMLM(LanguageModel):
     @nn.compact
     def __call__(
         self,

@@ -36,6 +36,16 @@ def output_projection_std(config: ModelConfig) -> float:
     return config.init_std / (2 * config.n_layers) ** 0.5
 
 
+class LanguageModel(nn.Module):
+    """Base of the model families: a config, and the inputs `init` is called with."""
+
+    config: ModelConfig
+
+    def example_inputs(self, batch: int, length: int) -> tuple[jax.Array, ...]:
+        """Arguments of a forward pass of this shape (for `init` and shape inference)."""
+        return (jnp.zeros((batch, length), jnp.int32),)
+
+
 class Dense(nn.Module):
     """Contracts the last `in_dims` axes of x with a kernel of shape [*in_shape, *features]."""
 
