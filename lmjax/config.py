@@ -1,35 +1,36 @@
-"""Typed configuration tree: YAML + `a.b.c=value` overrides + validation.
+"""The run configuration: its schema, loading (YAML + `a.b.c=value` overrides) and validation.
 
 One frozen dataclass per component, defaults and allowed values next to each field. A run is a
 function of its `Config`; the resolved tree is written to `run_dir/config.yaml`, so
 `lmjax train run_dir/config.yaml` reproduces it.
 
-Every error raised here is a `ConfigError` whose message names the key at fault and what was
-expected; the CLI prints it on one line and exits non-zero.
+Building the tree from YAML is `lmjax.config_tree`'s work; every error raised here or there is a
+`ConfigError` whose message names the key at fault and what was expected; the CLI prints it on
+one line and exits non-zero.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lmjax.errors import UserError
-
-
-class ConfigError(UserError):
-    """A configuration problem, reported to the user as one line."""
-
-
-def _choices(*values: str, default: str) -> Any:
-    return field(default=default, metadata={"choices": values})
+# The tree machinery, re-exported: `from lmjax.config import ConfigError, replace, ...` is how the
+# rest of lmjax reads it.
+from lmjax.config_tree import (  # noqa: F401
+    ConfigError,
+    build,
+    choices,
+    flatten_dotted,
+    load_yaml,
+    parse_override,
+    replace,
+    set_path,
+    to_dict,
+)
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,12 @@ class MoEConfig:
     n_shared_experts: int = 0  # experts of width d_ff_expert that every token goes through (DeepSeekMoE)
     first_dense_layers: int = 0
     interval: int = 1  # 2: every other layer after the dense prefix is MoE (GShard, Switch)
-    router_scores: str = _choices("softmax", "sigmoid", default="softmax")  # sigmoid: DeepSeek-V3
+    router_scores: str = choices("softmax", "sigmoid", default="softmax")  # sigmoid: DeepSeek-V3
     renormalize: bool = True  # top-k weights divided by their sum (Mixtral); false keeps the raw scores
     # dropless: every token reaches its experts (sorted by expert, grouped matmuls). capacity: each
     # expert takes at most ceil(top_k * seq_len * capacity_factor / n_experts) tokens per row and
     # drops the rest (GShard, Switch); earlier tokens of a row win.
-    dispatch: str = _choices("dropless", "capacity", default="dropless")
+    dispatch: str = choices("dropless", "capacity", default="dropless")
     capacity_factor: float = 1.25
     load_balance_loss: float = 1e-2  # Switch: alpha * n_experts * sum_i f_i * P_i per MoE layer
     router_z_loss: float = 1e-3  # ST-MoE: mean over tokens of logsumexp(router logits)^2 per MoE layer
@@ -65,16 +66,16 @@ class MoEConfig:
 class ModelConfig:
     # `family` selects the model class (the Levanter-style `type:` key): dense and moe are
     # decoder-only LMs (lmjax/models/decoder.py), encoder a BERT-style masked LM (encoder.py).
-    family: str = _choices("dense", "moe", "encoder", default="dense")
+    family: str = choices("dense", "moe", "encoder", default="dense")
     # A preset of layer choices. llama: RMSNorm, RoPE, SwiGLU, no biases. gpt2: LayerNorm, learned
     # positions, GELU (tanh approximation) MLP, biases. bert: as gpt2 with the exact (erf) GELU and
     # post-norm blocks (Devlin et al. 2019).
-    style: str = _choices("llama", "gpt2", "bert", default="llama")
+    style: str = choices("llama", "gpt2", "bert", default="llama")
     # auto: RoPE for llama style, a learned position table otherwise.
-    positions: str = _choices("auto", "rope", "learned", default="auto")
+    positions: str = choices("auto", "rope", "learned", default="auto")
     # auto: post for bert style (x = norm(x + f(x)), BERT), pre otherwise (x = x + f(norm(x))).
     # Decoders are pre-norm only.
-    norm_position: str = _choices("auto", "pre", "post", default="auto")
+    norm_position: str = choices("auto", "pre", "post", default="auto")
     type_vocab_size: int = 0  # encoder: token-type (segment A/B) embeddings; 0 = none, BERT: 2
     vocab_size: int = 4096
     d_model: int = 256
@@ -88,14 +89,14 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    dtype: str = _choices("float32", "bfloat16", default="float32")  # compute dtype
-    param_dtype: str = _choices("float32", "bfloat16", default="float32")
+    dtype: str = choices("float32", "bfloat16", default="float32")  # compute dtype
+    param_dtype: str = choices("float32", "bfloat16", default="float32")
     # Activation checkpointing of each block: none, full (save only block inputs), or dots
     # (save matmul outputs, recompute elementwise ops).
-    remat: str = _choices("none", "full", "dots", default="none")
+    remat: str = choices("none", "full", "dots", default="none")
     scan_layers: bool = True  # stack layers with nn.scan: compile time independent of depth
     # Attention kernel for jax.nn.dot_product_attention: xla everywhere, cudnn (flash) on GPU.
-    attention: str = _choices("xla", "cudnn", default="xla")
+    attention: str = choices("xla", "cudnn", default="xla")
     moe: MoEConfig = field(default_factory=MoEConfig)  # read when family is moe
 
     @property
@@ -134,7 +135,7 @@ class TokenizerConfig:
     # An existing sentencepiece .model file; when None, one is trained on the training corpus
     # (vocab = model.vocab_size) and cached by corpus fingerprint and settings.
     path: str | None = None
-    model_type: str = _choices("bpe", "unigram", default="bpe")
+    model_type: str = choices("bpe", "unigram", default="bpe")
     # Reserved for later objectives (MLM mask, T5 sentinels, chat turns); ids follow pad/unk/bos/eos.
     special_tokens: tuple[str, ...] = ("<mask>", "<sep>", "<cls>")
     # Training the tokenizer reads at most this many characters of the corpus.
@@ -164,7 +165,7 @@ class OptimConfig:
     weight_decay: float = 0.1
     # By default no decay on norms, biases and embeddings (decay applies to matmul weights).
     decay_embeddings: bool = False
-    schedule: str = _choices("cosine", "wsd", "constant", default="cosine")
+    schedule: str = choices("cosine", "wsd", "constant", default="cosine")
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # final lr / peak lr for cosine and wsd
     decay_fraction: float = 0.2  # wsd: fraction of steps in the final decay
@@ -183,7 +184,7 @@ class TrainConfig:
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2) (PaLM); 0 disables
     # What is trained (lmjax/tasks/): causal_lm (next token, decoder families) or mlm (masked
     # tokens, the encoder family).
-    objective: str = _choices("causal_lm", "mlm", default="causal_lm")
+    objective: str = choices("causal_lm", "mlm", default="causal_lm")
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ class MeshConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     # auto: log to wandb offline (no account needed) unless WANDB_MODE/WANDB_API_KEY say online.
-    wandb: str = _choices("auto", "offline", "online", "off", default="auto")
+    wandb: str = choices("auto", "offline", "online", "off", default="auto")
     wandb_project: str = "lmjax"
     progress: bool = True  # console progress bar
 
@@ -241,182 +242,15 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-# ----------------------------------------------------------------------------- building
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Checks `value` against the annotation `tp`; returns it converted (list -> tuple, int -> float)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0] if errors else ConfigError(f"{key}: got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            if isinstance(value, str) and tp == tuple[str, ...]:
-                return (value,)  # a single path given on the command line
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{key}: expected {len(args)} items, got {list(value)!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is Any:
-        # Frozen config: nested lists become tuples (hashable, and equal after a YAML round trip).
-        return tuple(_coerce(v, Any, key) for v in value) if isinstance(value, list) else value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-            return int(value)  # 1e6 written in YAML
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads 3e-4 (no dot) as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
-            return "on" if value else "off"
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
-
-
-def build(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
-    """Builds dataclass `cls` from a nested dict, checking keys, types and choices."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; expected one of: {', '.join(fields)}"
-        raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-    kwargs = {}
-    for name, value in data.items():
-        tp, key = hints[name], f"{prefix}{name}"
-        if dataclasses.is_dataclass(tp):
-            if value is None:
-                value = {}
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
-            kwargs[name] = build(tp, value, prefix=f"{key}.")
-            continue
-        value = _coerce(value, tp, key)
-        choices = fields[name].metadata.get("choices")
-        if choices and value not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: '{part}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`train.steps=200` -> ("train.steps", 200); values are parsed as YAML scalars/lists."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}': expected key.path=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override '{text}': empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"config file {path}: invalid YAML{where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    return data
-
-
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """YAML file (optional) + overrides -> validated Config (device-independent checks)."""
     tree = load_yaml(path) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
-        _set_path(tree, key, value)
+        set_path(tree, key, value)
     cfg = build(Config, tree)
     validate(cfg)
     return cfg
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    def convert(x: Any) -> Any:
-        if isinstance(x, tuple):
-            return [convert(v) for v in x]
-        if isinstance(x, dict):
-            return {k: convert(v) for k, v in x.items()}
-        return x
-
-    return convert(dataclasses.asdict(cfg))
-
-
-def flatten_dotted(tree: Any, where: str = "config", prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 1}, 'data.seq_len': 64} -> {'optim.lr': 1, 'data.seq_len': 64}."""
-    if tree is None:
-        return {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{where}: expected a mapping of config keys, got {tree!r}")
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten_dotted(value, where, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def config_yaml(cfg: Config) -> str:
@@ -425,14 +259,6 @@ def config_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(config_yaml(cfg))
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    """`replace(cfg, **{"train.steps": 10})`: a copy with dotted keys changed."""
-    tree = to_dict(cfg)
-    for key, value in changes.items():
-        _set_path(tree, key, value)
-    return build(type(cfg), tree)
 
 
 # ----------------------------------------------------------------------------- validation

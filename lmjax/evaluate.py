@@ -35,7 +35,7 @@ def evaluate(eval_step: Callable, task: Task, params: Any, frozen: Any, batches:
 
 def eval_constants(setup: ModelSetup, data) -> Any:
     """The task's eval constants (bytes per token, ...) replicated on the mesh."""
-    constants = setup.task.eval_constants(data.tokenizer, data)
+    constants = setup.task.eval_constants(data)
     return jax.device_put(constants, NamedSharding(setup.mesh, P()))
 
 

@@ -69,9 +69,20 @@ def norm_params(cfg: ModelConfig) -> int:
     return 2 * cfg.d_model if cfg.use_bias else cfg.d_model
 
 
-def block_params(cfg: ModelConfig, d_ff: int | None = None) -> dict[str, int]:
+def embedding_params(cfg: ModelConfig) -> int:
+    """Token table, plus the learned position table (without RoPE) and the token-type table."""
+    positions = 0 if cfg.use_rope else cfg.max_seq_len
+    return (cfg.vocab_size + positions + cfg.type_vocab_size) * cfg.d_model
+
+
+def output_head_params(cfg: ModelConfig) -> int:
+    """The unembedding matrix when it is not tied to the token table."""
+    return 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
+
+
+def block_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameters of one transformer block by part (attention, mlp, norms), biases included."""
-    d, ff = cfg.d_model, cfg.d_ff if d_ff is None else d_ff
+    d, ff = cfg.d_model, cfg.d_ff
     q_width, kv_width = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
     attention = d * q_width + 2 * d * kv_width + q_width * d
     mlp = cfg.mlp_matrices * d * ff

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.config import load_config
 from lmjax.errors import UserError
+from lmjax.models import model_family
 from lmjax.models.decoder import init_cache
 
 
@@ -177,9 +179,6 @@ def generate_from_run(
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise GenerateError("prompt: expected some text, got an empty prompt")
-    from lmjax.config import load_config
-    from lmjax.models import model_family
-
     if (run_dir / "config.yaml").exists():  # else load_run names what is missing
         model_cfg = load_config(run_dir / "config.yaml").model
         if not model_family(model_cfg).generates:

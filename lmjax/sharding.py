@@ -53,10 +53,6 @@ def batch_spec(rules) -> P:
     return nn.logical_to_mesh_axes(("batch", "length"), rules)
 
 
-def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-    return NamedSharding(mesh, batch_spec(rules))
-
-
 def batch_shardings(mesh: Mesh, rules, schema: dict[str, Any]) -> dict[str, NamedSharding]:
     """One sharding per batch key (`schema`: key -> array or ShapeDtypeStruct): the leading
     dimension over the batch axes, the others replicated."""

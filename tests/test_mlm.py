@@ -18,7 +18,7 @@ import pytest
 from lmjax import cli, flops
 from lmjax.config import MLMConfig, load_config
 from lmjax.data import build_data
-from lmjax.data.masking import MaskingTables, mask_batch, mask_row, word_ids
+from lmjax.data.masking import mask_batch, mask_row, word_ids
 from lmjax.models import build_model
 from lmjax.tasks import MLMTask
 from lmjax.train.loop import train

@@ -20,7 +20,6 @@ from jax.sharding import PartitionSpec as P
 from lmjax import cli, sharding
 from lmjax.config import load_config, replace
 from lmjax.evaluate import load_run
-from lmjax.models import build_model
 from lmjax.train.loop import train
 from lmjax.train.step import ModelSetup
 

@@ -272,13 +272,14 @@ def build_data(cfg: Config, layout: Callable[[Tokenizer], RowLayout] | None = No
     train, validation = _tokenized_splits(cfg, tokenizer, train_texts, val_texts, corpus.fingerprint)
     seq_len = cfg.data.seq_len
     row_layout = layout(tokenizer) if layout is not None else CausalRows()
+    train_rows = row_layout.num_rows(train, seq_len)
     stats = {
         "documents": {"train": len(train_docs), "val": len(val_docs)},
         "skipped": dict(corpus.skipped),
         "tokens": {"train": train.num_tokens, "val": validation.num_tokens},
-        "rows": {"train": row_layout.num_rows(train, seq_len), "val": row_layout.num_rows(validation, seq_len)},
-        "train_tokens_per_epoch": row_layout.num_rows(train, seq_len) * seq_len,
-        "batches_per_epoch": row_layout.num_rows(train, seq_len) / cfg.data.global_batch_size,
+        "rows": {"train": train_rows, "val": row_layout.num_rows(validation, seq_len)},
+        "train_tokens_per_epoch": train_rows * seq_len,
+        "batches_per_epoch": train_rows / cfg.data.global_batch_size,
     }
     return Data(
         tokenizer=tokenizer,

@@ -182,9 +182,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     n_shared shared experts; `active` counts the top_k routed ones."""
     d = cfg.d_model
     block = flops.block_params(cfg)
-    positions = 0 if cfg.use_rope else cfg.max_seq_len * d
-    embedding = cfg.vocab_size * d + positions
-    output_head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
+    embedding, output_head = flops.embedding_params(cfg), flops.output_head_params(cfg)
     total = embedding + cfg.n_layers * sum(block.values()) + flops.norm_params(cfg) + output_head
     active = total
     if cfg.family == "moe":

@@ -110,9 +110,7 @@ class EncoderMLM(LanguageModel):
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """See `lmjax.flops.param_counts`; the MLM head's transform and output bias are non-embedding."""
     d = cfg.d_model
-    positions = 0 if cfg.use_rope else cfg.max_seq_len * d
-    embedding = cfg.vocab_size * d + positions + cfg.type_vocab_size * d
-    output_head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
+    embedding, output_head = flops.embedding_params(cfg), flops.output_head_params(cfg)
     outer_norm = flops.norm_params(cfg)  # embed_norm (post-norm) or final_norm (pre-norm)
     head = d * d + (d if cfg.use_bias else 0) + flops.norm_params(cfg) + cfg.vocab_size
     total = embedding + outer_norm + cfg.n_layers * sum(flops.block_params(cfg).values()) + head + output_head

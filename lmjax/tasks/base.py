@@ -22,6 +22,7 @@ level of its 'intermediates' (AUX_LOSS, a per-token loss to add, and AUX_METRICS
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any
 
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax.config import Config
-from lmjax.data.pipeline import RowLayout
+from lmjax.data.pipeline import Data, RowLayout
 from lmjax.data.tokenizer import Tokenizer
 
 Batch = dict[str, jax.Array]
@@ -46,16 +47,8 @@ def token_cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> tuple[j
     return log_z_BL - target_logit_BL, log_z_BL
 
 
-def sown_aux_loss(state: dict) -> tuple[jax.Array | None, dict[str, jax.Array]]:
-    """(per-token auxiliary loss or None, its metrics) from a forward pass's mutable state."""
-    intermediates = state.get("intermediates", {})
-    loss = intermediates.get(AUX_LOSS)
-    metrics = intermediates.get(AUX_METRICS)
-    return (loss[0] if loss else None), (metrics[0] if metrics else {})
-
-
-class Task:
-    """Base class; see the module docstring. Subclasses set `name` and implement the loss."""
+class Task(abc.ABC):
+    """Base class; see the module docstring. Subclasses set `name` and implement the abstract methods."""
 
     name = ""
     normalizer = "tokens"  # the sums entry the gradient and the train metrics are divided by
@@ -75,8 +68,9 @@ class Task:
             "loss_mask": jax.ShapeDtypeStruct(shape, jnp.float32),
         }
 
+    @abc.abstractmethod
     def layout(self, tokenizer: Tokenizer) -> RowLayout:
-        raise NotImplementedError
+        """The row layout that makes this task's host batches from the tokenized corpus."""
 
     def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
         return batch["tokens"], batch["positions"], batch["segment_ids"]
@@ -87,9 +81,22 @@ class Task:
         return {}
 
     # ------------------------------------------------------------------ loss and metrics
+    @abc.abstractmethod
     def loss(self, params: Any, frozen: Any, batch: Batch, model: nn.Module) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(objective summed over the batch, sums incl. `loss_sum` and the normaliser)."""
-        raise NotImplementedError
+
+    def objective(self, sums: dict[str, jax.Array], model_state: dict) -> jax.Array:
+        """`loss_sum` + `train.z_loss` x `z_loss_sum` (PaLM) + the model's sown auxiliary loss (a
+        per-token mean, e.g. MoE router losses) x the normaliser. Adds the auxiliary metrics to
+        `sums`, weighted by the normaliser like every other sum."""
+        z_loss = self.cfg.train.z_loss
+        objective = sums["loss_sum"] + z_loss * sums["z_loss_sum"] if z_loss else sums["loss_sum"]
+        intermediates = model_state.get("intermediates", {})
+        if AUX_LOSS in intermediates:
+            count = sums[self.normalizer]
+            objective = objective + intermediates[AUX_LOSS][0] * count
+            sums.update({name: value * count for name, value in intermediates[AUX_METRICS][0].items()})
+        return objective
 
     def train_metrics(self, sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Logged train metrics: `loss` and any other sum, divided by the normaliser; the
@@ -101,14 +108,15 @@ class Task:
         return metrics
 
     # ------------------------------------------------------------------ eval
-    def eval_constants(self, tokenizer: Tokenizer, data: Any) -> dict[str, np.ndarray]:
+    def eval_constants(self, data: Data) -> dict[str, np.ndarray]:
         """Host arrays every eval step reads (replicated on the mesh), e.g. bytes per token id."""
         table = np.zeros(self.cfg.model.vocab_size, np.float32)
-        table[: len(tokenizer.token_bytes)] = tokenizer.token_bytes
+        table[: len(data.tokenizer.token_bytes)] = data.tokenizer.token_bytes
         return {"token_bytes": table}
 
+    @abc.abstractmethod
     def eval_sums(self, params: Any, frozen: Any, batch: Batch, model: nn.Module, constants: dict) -> dict[str, jax.Array]:
-        raise NotImplementedError
+        """Sums over one eval batch (inside jit); `eval_metrics` turns their totals into means."""
 
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         """Loss, perplexity and bits per byte over the evaluated target tokens."""

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax.data.masking import MaskedRows, MaskingTables
-from lmjax.tasks.base import Task, sown_aux_loss, token_cross_entropy
+from lmjax.tasks.base import Task, token_cross_entropy
 
 
 class MLMTask(Task):
@@ -36,18 +36,12 @@ class MLMTask(Task):
     def loss(self, params, frozen, batch, model):
         logits_BLV, state = model.apply({"params": params}, *self.model_inputs(batch), mutable=["intermediates"])
         sums = self._masked_sums(logits_BLV, batch)
-        z_loss = self.cfg.train.z_loss
-        objective = sums["loss_sum"] + z_loss * sums["z_loss_sum"] if z_loss else sums["loss_sum"]
-        aux_loss, aux_metrics = sown_aux_loss(state)
-        if aux_loss is not None:
-            objective = objective + aux_loss * sums["tokens"]
-            sums.update({name: value * sums["tokens"] for name, value in aux_metrics.items()})
-        return objective, sums
+        return self.objective(sums, state), sums
 
-    def eval_constants(self, tokenizer, data):
-        constants = super().eval_constants(tokenizer, data)
-        counts = np.bincount(np.asarray(data.train.tokens), minlength=tokenizer.vocab_size)
-        regular = self.layout(tokenizer).tables.random_pool  # ids that are neither control nor special
+    def eval_constants(self, data):
+        constants = super().eval_constants(data)
+        counts = np.bincount(np.asarray(data.train.tokens), minlength=data.tokenizer.vocab_size)
+        regular = data.layout.tables.random_pool  # ids that are neither control nor special
         constants["most_frequent_token"] = np.asarray(regular[np.argmax(counts[regular])], np.int32)
         return constants
 

@@ -118,8 +118,9 @@ class Trainer:
         self.peak, self.peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype)
         self.schedule = make_schedule(cfg)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self.train_step, self.eval_step = self.setup.train_step(), self.setup.eval_step()  # compiled at first call
         # Bookkeeping of the loop (set by run()).
-        self.state = self.data = self.train_iter = self.logger = None
+        self.state = self.data = self.train_iter = self.eval_batches = self.eval_constants = self.logger = None
         self.elapsed_before = 0.0
         self.last_loss = self.last_eval = self.last_tokens_per_sec = None
         self.window_time, self.window_step = None, 0
@@ -184,14 +185,12 @@ class Trainer:
         )
 
     def _train_steps(self, step: int) -> None:
-        train_step = self.setup.train_step()
-        self.eval_step = self.setup.eval_step()
         every = self.cfg.train
         pending = None  # (step, metrics) not yet pulled to the host
         with _StopSignal() as stop, sharding.activate(self.setup.mesh, self.setup.rules):
             while step < self.steps:
                 batch = self.setup.global_batch(next(self.train_iter))
-                self.state, metrics = train_step(self.state, batch)
+                self.state, metrics = self.train_step(self.state, batch)
                 step += 1
                 if pending is not None:
                     self._check_and_log(*pending)

@@ -33,10 +33,14 @@ class TrainState:
     frozen: Any  # the task's frozen state (e.g. a DPO reference model): never updated; {} when none
 
 
+def init_params(cfg: Config, model: nn.Module, rng: jax.Array) -> Any:
+    """Freshly initialised parameters, with their logical-axis boxes."""
+    return model.init(rng, *model.example_inputs(1, cfg.data.seq_len))["params"]
+
+
 def abstract_params(cfg: Config, model: nn.Module) -> Any:
     """Parameter shapes with their logical-axis boxes, without allocating anything."""
-    inputs = model.example_inputs(1, cfg.data.seq_len)
-    return jax.eval_shape(lambda rng: model.init(rng, *inputs)["params"], jax.random.key(0))
+    return jax.eval_shape(lambda rng: init_params(cfg, model, rng), jax.random.key(0))
 
 
 class StateFactory:
@@ -58,11 +62,10 @@ class StateFactory:
             self.tx, lambda _, s: s, opt_abstract, param_shardings, transform_non_params=lambda _: replicated
         )
         self.shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, frozen=frozen_shardings)
-        self.param_shapes = params
 
     def _init_boxed(self, rng: jax.Array) -> tuple[Any, Any]:
         """(params, frozen state) with their logical-axis boxes."""
-        params = self.model.init(rng, *self.model.example_inputs(1, self.cfg.data.seq_len))["params"]
+        params = init_params(self.cfg, self.model, rng)
         return params, self.task.init_frozen(jax.random.fold_in(rng, 1), params)
 
     def _init(self, rng: jax.Array) -> TrainState:
@@ -90,8 +93,8 @@ def _split_microbatches(batch: dict[str, jax.Array], n: int, batch_axes) -> dict
     return jax.tree.map(split, batch)
 
 
-def make_train_step(cfg: Config, model: nn.Module, factory: StateFactory, batch_shardings: dict[str, NamedSharding]):
-    task, tx, n_micro = factory.task, factory.tx, cfg.train.microbatches
+def make_train_step(factory: StateFactory, batch_shardings: dict[str, NamedSharding]):
+    model, task, tx, n_micro = factory.model, factory.task, factory.tx, factory.cfg.train.microbatches
     batch_axes = next(iter(batch_shardings.values())).spec[0]
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -128,12 +131,12 @@ def make_train_step(cfg: Config, model: nn.Module, factory: StateFactory, batch_
     )
 
 
-def make_eval_step(model: nn.Module, factory: StateFactory, batch_shardings: dict[str, NamedSharding]):
+def make_eval_step(factory: StateFactory, batch_shardings: dict[str, NamedSharding]):
     """jitted (params, frozen, batch, constants) -> the task's eval sums (replicated)."""
     replicated = NamedSharding(factory.mesh, P())
 
     def step(params, frozen, batch, constants):
-        return factory.task.eval_sums(params, frozen, batch, model, constants)
+        return factory.task.eval_sums(params, frozen, batch, factory.model, constants)
 
     shardings = factory.shardings
     return jax.jit(step, in_shardings=(shardings.params, shardings.frozen, batch_shardings, replicated), out_shardings=replicated)
@@ -166,7 +169,7 @@ class ModelSetup:
         return sharding.host_batch_to_global(host_batch, self.batch_shardings)
 
     def train_step(self):
-        return make_train_step(self.cfg, self.model, self.factory, self.batch_shardings)
+        return make_train_step(self.factory, self.batch_shardings)
 
     def eval_step(self):
-        return make_eval_step(self.model, self.factory, self.batch_shardings)
+        return make_eval_step(self.factory, self.batch_shardings)
