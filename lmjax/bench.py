@@ -47,7 +47,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, out: str | None = N
     jax.config.update("jax_enable_compilation_cache", False)
     setup = ModelSetup.build(cfg)
     mesh = setup.mesh
-    data = build_data(cfg, setup.task.layout)
+    data = setup.task.build_data(cfg)
     train_iter = data.train_iterator(jax.process_index(), jax.process_count())
     batches = [setup.global_batch(next(train_iter)) for _ in range(min(4, steps + warmup))]
 
@@ -79,9 +79,10 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, out: str | None = N
     data_batches_per_sec = n_data / (time.perf_counter() - t)
     train_iter.close()
 
-    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    tokens_per_step = cfg.data.global_batch_size * setup.task.tokens_per_row()
     step_time = statistics.median(times)
-    flops_per_token = flops.model_flops_per_token(cfg.model, cfg.data.seq_len)  # matmul FLOPs, no embedding gather
+    # matmul FLOPs, no embedding gather
+    flops_per_token = flops.model_flops_per_token(cfg.model, cfg.data.seq_len, setup.task.decoder_len())
     peak, peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype)
     tokens_per_sec = tokens_per_step / step_time
     memory, memory_source = _peak_memory()

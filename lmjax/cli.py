@@ -1,4 +1,4 @@
-"""`lmjax train | eval | generate | bench | tokenizer | sweep | fit`: parse, then call. No logic lives here.
+"""`lmjax train | eval | generate | bench | tokenizer | data | sweep | fit`: parse, then call. No logic lives here.
 
 CONFIG is a YAML file or a run directory (its config.yaml); overrides are `key.path=value`.
 A user error (config, data, checkpoint, arguments) prints one line `error: ...` and exits 2.
@@ -102,6 +102,13 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
+def cmd_sft_from_corpus(args) -> int:
+    from lmjax.data.functions import sft_from_corpus_command
+
+    sft_from_corpus_command(args.out, max_files=args.max_files, val_fraction=args.val_fraction, force=args.force)
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from lmjax.scaling.sweep import sweep_command
 
@@ -162,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("overrides", nargs="*")
     t.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("data", help="data tools")
+    data = p.add_subparsers(dest="action", required=True)
+    d = data.add_parser("sft-from-corpus", help="prompt/response JSONL of the built-in corpus's documented functions")
+    d.add_argument("--out", required=True, help="training records F.jsonl; validation records go to F.val.jsonl beside it")
+    d.add_argument("--max-files", type=int, default=None, help="read only the first N corpus files (default: all)")
+    d.add_argument("--val-fraction", type=float, default=0.05, help="fraction of files (by path hash) in validation")
+    d.add_argument("--force", action="store_true", help="overwrite existing output files")
+    d.set_defaults(func=cmd_sft_from_corpus)
 
     p = sub.add_parser("sweep", help="plan and run a Chinchilla-style IsoFLOP sweep, then fit and plot it")
     p.add_argument("sweep", help="sweep YAML (configs/sweeps/)")

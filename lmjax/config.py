@@ -11,6 +11,7 @@ one line and exits non-zero.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from lmjax.config_tree import (  # noqa: F401
     set_path,
     to_dict,
 )
+from lmjax.config_checks import MESH_AXES, validate  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -65,27 +67,35 @@ class MoEConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     # `family` selects the model class (the Levanter-style `type:` key): dense and moe are
-    # decoder-only LMs (lmjax/models/decoder.py), encoder a BERT-style masked LM (encoder.py).
-    family: str = choices("dense", "moe", "encoder", default="dense")
+    # decoder-only LMs (lmjax/models/decoder.py), encoder a BERT-style masked LM (encoder.py), t5
+    # an encoder-decoder (t5.py).
+    family: str = choices("dense", "moe", "encoder", "t5", default="dense")
     # A preset of layer choices. llama: RMSNorm, RoPE, SwiGLU, no biases. gpt2: LayerNorm, learned
     # positions, GELU (tanh approximation) MLP, biases. bert: as gpt2 with the exact (erf) GELU and
-    # post-norm blocks (Devlin et al. 2019).
-    style: str = choices("llama", "gpt2", "bert", default="llama")
-    # auto: RoPE for llama style, a learned position table otherwise.
-    positions: str = choices("auto", "rope", "learned", default="auto")
+    # post-norm blocks (Devlin et al. 2019). t5 (family t5 only): T5 v1.1, RMSNorm, bucketed
+    # relative position biases, unscaled attention scores, gated-GELU, no biases, T5X's init.
+    style: str = choices("llama", "gpt2", "bert", "t5", default="llama")
+    # auto: RoPE for llama style, relative position biases for t5, a learned table otherwise.
+    positions: str = choices("auto", "rope", "learned", "relative", default="auto")
+    # The MLP. auto: swiglu for llama, gated_gelu for t5 (T5 v1.1), gelu for gpt2 and bert.
+    # relu with tie_embeddings: true is the original T5 (Raffel et al. 2020).
+    feed_forward: str = choices("auto", "swiglu", "gated_gelu", "gelu", "relu", default="auto")
     # auto: post for bert style (x = norm(x + f(x)), BERT), pre otherwise (x = x + f(norm(x))).
     # Decoders are pre-norm only.
     norm_position: str = choices("auto", "pre", "post", default="auto")
     type_vocab_size: int = 0  # encoder: token-type (segment A/B) embeddings; 0 = none, BERT: 2
     vocab_size: int = 4096
     d_model: int = 256
-    n_layers: int = 4
+    n_layers: int = 4  # the encoder's layers in family t5
+    decoder_layers: int | None = None  # family t5: None = n_layers
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: = n_heads (plain multi-head attention)
     head_dim: int | None = None  # None: d_model // n_heads
     d_ff: int = 1024
     max_seq_len: int = 2048  # size of the learned position table (gpt2 style)
     rope_theta: float = 10000.0
+    relative_buckets: int = 32  # positions: relative (T5): buckets of relative distance, half per direction
+    relative_max_distance: int = 128  # distances beyond this share the last bucket
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -108,12 +118,35 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
     @property
+    def ffn(self) -> str:
+        """The feed-forward kind, `feed_forward` with auto resolved by style."""
+        if self.feed_forward != "auto":
+            return self.feed_forward
+        return {"llama": "swiglu", "t5": "gated_gelu"}.get(self.style, "gelu")
+
+    @property
     def mlp_matrices(self) -> int:
-        return 3 if self.style == "llama" else 2
+        return 3 if self.ffn in ("swiglu", "gated_gelu") else 2
+
+    @property
+    def position_kind(self) -> str:
+        """rope, learned or relative: `positions` with auto resolved by style."""
+        if self.positions != "auto":
+            return self.positions
+        return {"llama": "rope", "t5": "relative"}.get(self.style, "learned")
 
     @property
     def use_rope(self) -> bool:
-        return self.positions == "rope" or (self.positions == "auto" and self.style == "llama")
+        return self.position_kind == "rope"
+
+    @property
+    def n_decoder_layers(self) -> int:
+        return self.decoder_layers if self.decoder_layers is not None else self.n_layers
+
+    @property
+    def attention_scale(self) -> float | None:
+        """Multiplier of the attention scores; None = 1/sqrt(head_dim). T5 folds it into its init."""
+        return 1.0 if self.style == "t5" else None
 
     @property
     def post_norm(self) -> bool:
@@ -122,7 +155,7 @@ class ModelConfig:
     @property
     def use_bias(self) -> bool:
         """Biases in every projection and LayerNorm (instead of RMSNorm) in gpt2 and bert style."""
-        return self.style != "llama"
+        return self.style in ("gpt2", "bert")
 
     @property
     def expert_d_ff(self) -> int:
@@ -136,8 +169,10 @@ class TokenizerConfig:
     # (vocab = model.vocab_size) and cached by corpus fingerprint and settings.
     path: str | None = None
     model_type: str = choices("bpe", "unigram", default="bpe")
-    # Reserved for later objectives (MLM mask, T5 sentinels, chat turns); ids follow pad/unk/bos/eos.
+    # Reserved for later objectives (MLM mask, chat turns); ids follow pad/unk/bos/eos.
     special_tokens: tuple[str, ...] = ("<mask>", "<sep>", "<cls>")
+    # T5 sentinels <extra_id_0> ... <extra_id_{n-1}>, reserved after special_tokens (span_corruption).
+    sentinels: int = 0
     # Training the tokenizer reads at most this many characters of the corpus.
     train_chars: int = 20_000_000
 
@@ -148,6 +183,9 @@ class DataConfig:
     # Python standard library's own sources).
     paths: tuple[str, ...] = ()
     text_key: str = "text"  # field of each JSONL record holding the document
+    # Validation files (paths or globs). Empty: validation documents are chosen by content hash
+    # (val_fraction); given: these files are the validation split and every data.paths file trains.
+    val_paths: tuple[str, ...] = ()
     seq_len: int = 128
     global_batch_size: int = 16  # sequences per optimizer step, over all hosts and micro-batches
     val_fraction: float = 0.02  # documents put in validation, chosen by a stable content hash
@@ -182,9 +220,13 @@ class TrainConfig:
     keep_checkpoints: int = 3
     microbatches: int = 1  # gradient accumulation: global batch split in this many parts
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2) (PaLM); 0 disables
-    # What is trained (lmjax/tasks/): causal_lm (next token, decoder families) or mlm (masked
-    # tokens, the encoder family).
-    objective: str = choices("causal_lm", "mlm", default="causal_lm")
+    # What is trained (lmjax/tasks/): causal_lm (next token, decoder families), mlm (masked
+    # tokens, the encoder family), span_corruption (T5's denoising) or seq2seq (input -> target
+    # pairs), both for family t5.
+    objective: str = choices("causal_lm", "mlm", "span_corruption", "seq2seq", default="causal_lm")
+    # A finished (or interrupted) lmjax run directory: training starts from its latest checkpoint's
+    # parameters (fresh optimizer, step 0); its model config and tokenizer are used (lmjax/train/init_from.py).
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +238,27 @@ class MLMConfig:
     random_token_fraction: float = 0.1  # of the selected: replaced by a random regular token; the rest stay
     whole_word: bool = False  # select whole words (all pieces of a word together), not pieces
     mask_token: str = "<mask>"  # a special token of the tokenizer (data.tokenizer.special_tokens)
+
+
+@dataclass(frozen=True)
+class SpanCorruptionConfig:
+    """T5's noise (`train.objective: span_corruption`, lmjax/data/span_corruption.py)."""
+
+    noise_density: float = 0.15  # fraction of each example's tokens that become targets
+    mean_noise_span_length: float = 3.0  # each span of noise is replaced by one sentinel
+
+
+@dataclass(frozen=True)
+class Seq2SeqConfig:
+    """JSONL input/target pairs (`train.objective: seq2seq`, lmjax/data/seq2seq.py).
+
+    The encoder reads `data.seq_len` tokens per row, the decoder `target_len`."""
+
+    input_key: str = "input"
+    target_key: str = "target"
+    target_len: int = 128
+    pack: bool = True  # several pairs per row (segment ids keep them apart); false: one pair per row
+    overlong: str = choices("truncate", "drop", default="truncate")  # pairs longer than a row
 
 
 @dataclass(frozen=True)
@@ -239,6 +302,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)  # read when train.objective is mlm
+    span_corruption: SpanCorruptionConfig = field(default_factory=SpanCorruptionConfig)
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -248,9 +313,74 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for text in overrides:
         key, value = parse_override(text)
         set_path(tree, key, value)
+    _take_source_model(tree)
     cfg = build(Config, tree)
     validate(cfg)
     return cfg
+
+
+# Model keys a run started from another (`train.init_from`) may change: how it computes, not what.
+COMPUTE_ONLY_MODEL_KEYS = ("dtype", "param_dtype", "remat", "attention")
+
+
+def _resolved(model: ModelConfig) -> dict[str, Any]:
+    """The model's settings with every `auto`/None default replaced by what it means, flattened, so
+    that `n_kv_heads: null` and `n_kv_heads: 4` (with 4 heads) compare equal."""
+    resolved = dataclasses.replace(
+        model, n_kv_heads=model.kv_heads, head_dim=model.head_size, positions=model.position_kind, feed_forward=model.ffn,
+        decoder_layers=model.n_decoder_layers if model.family == "t5" else None,
+        norm_position="post" if model.post_norm else "pre",
+    )
+    return flatten_dotted(to_dict(resolved))
+
+
+def _take_source_model(tree: dict) -> None:
+    """`train.init_from: RUN_DIR`: the model section becomes the source run's, the tokenizer its
+    tokenizer, and the path absolute. Model keys the config gives must mean what the source's do,
+    except compute-only ones (another shape could not hold the source's parameters).
+
+    A run's own saved config.yaml already holds all of it, so a run (eval, generate, resume) does not
+    need its source once started: when the source is gone, a config whose model and tokenizer are
+    given is taken as it is (the trainer still names a missing source before a new run starts)."""
+    train_section = tree.get("train") or {}
+    source = train_section.get("init_from")
+    if not source:
+        return
+    source_dir = Path(str(source)).expanduser().absolute()
+    settings = ((tree.get("data") or {}).get("tokenizer") or {})
+    if not (source_dir / "config.yaml").is_file():
+        if tree.get("model") and settings.get("path"):
+            return
+        raise ConfigError(f"train.init_from: {source_dir} is not an lmjax run directory (no config.yaml); expected a run to start from")
+    source_model = build(Config, load_yaml(source_dir / "config.yaml")).model
+    theirs = _resolved(source_model)
+    given = flatten_dotted(tree.get("model") or {})
+    for key, value in given.items():
+        changed = to_dict(source_model)
+        set_path(changed, key, value)
+        ours = _resolved(build(ModelConfig, changed, "model."))
+        differing = sorted(k for k in ours if ours[k] != theirs[k] and k not in COMPUTE_ONLY_MODEL_KEYS)
+        if differing:
+            name = differing[0]
+            raise ConfigError(
+                f"model.{key}={value!r} differs from the train.init_from run {source_dir} (model.{name}: {theirs[name]!r}); "
+                f"a run started from another keeps its model: remove model.{key} (only {', '.join(COMPUTE_ONLY_MODEL_KEYS)} may change)"
+            )
+    model = to_dict(source_model)
+    for key in COMPUTE_ONLY_MODEL_KEYS:
+        if key in given:
+            model[key] = given[key]
+    tree["model"] = model
+    train_section["init_from"] = str(source_dir)
+    tokenizer = source_dir / "tokenizer.model"
+    if settings.get("path") and Path(str(settings["path"])).expanduser().resolve() != tokenizer.resolve():
+        raise ConfigError(
+            f"data.tokenizer.path={settings['path']} differs from the train.init_from run's tokenizer {tokenizer}; "
+            "its parameters read that tokenizer's ids: remove data.tokenizer.path"
+        )
+    if not tokenizer.is_file():
+        raise ConfigError(f"train.init_from: {source_dir} has no tokenizer.model; expected a run directory written by `lmjax train`")
+    set_path(tree, "data.tokenizer.path", str(tokenizer))
 
 
 def config_yaml(cfg: Config) -> str:
@@ -259,125 +389,6 @@ def config_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(config_yaml(cfg))
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def validate(cfg: Config) -> None:
-    """Checks that need no devices. `resolve_mesh_shape` does the device-dependent ones."""
-    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    if not 0 <= cfg.seed < 2**32:
-        raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-        _positive(getattr(m, key), f"model.{key}")
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.n_heads ({m.n_heads}) must divide model.d_model ({m.d_model})")
-    if m.n_kv_heads is not None:
-        _positive(m.n_kv_heads, "model.n_kv_heads")
-        if m.n_heads % m.n_kv_heads:
-            raise ConfigError(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads})")
-    if m.head_dim is not None:
-        _positive(m.head_dim, "model.head_dim")
-    if m.attention == "cudnn" and m.dtype != "bfloat16":
-        raise ConfigError(f"model.attention=cudnn needs model.dtype=bfloat16 (cuDNN flash attention has no float32 kernel), got {m.dtype}")
-    if m.use_rope and m.head_size % 2:
-        raise ConfigError(f"model.head_dim ({m.head_size}) must be even for RoPE")
-    _positive(m.type_vocab_size, "model.type_vocab_size", allow_zero=True)
-    if m.family != "encoder":
-        if m.post_norm:
-            raise ConfigError(f"model.norm_position=post needs model.family=encoder (decoders are pre-norm), got family {m.family}")
-        if m.type_vocab_size:
-            raise ConfigError(f"model.type_vocab_size needs model.family=encoder, got family {m.family}")
-    objective_families = {"causal_lm": ("dense", "moe"), "mlm": ("encoder",)}
-    if m.family not in objective_families[t.objective]:
-        raise ConfigError(
-            f"train.objective={t.objective} needs model.family {' or '.join(objective_families[t.objective])}, got {m.family}"
-        )
-    if t.objective == "mlm":
-        k = cfg.mlm
-        if not 0.0 < k.mask_prob < 1.0:
-            raise ConfigError(f"mlm.mask_prob must be in (0, 1), got {k.mask_prob}")
-        for key in ("mask_token_fraction", "random_token_fraction"):
-            if not 0.0 <= getattr(k, key) <= 1.0:
-                raise ConfigError(f"mlm.{key} must be in [0, 1], got {getattr(k, key)}")
-        if k.mask_token_fraction + k.random_token_fraction > 1.0:
-            raise ConfigError(
-                f"mlm.mask_token_fraction + mlm.random_token_fraction must be <= 1, got "
-                f"{k.mask_token_fraction} + {k.random_token_fraction}"
-            )
-        if cfg.data.tokenizer.path is None and k.mask_token not in cfg.data.tokenizer.special_tokens:
-            raise ConfigError(
-                f"mlm.mask_token {k.mask_token!r} is not among data.tokenizer.special_tokens {list(cfg.data.tokenizer.special_tokens)}"
-            )
-    if m.family == "moe":
-        e = m.moe
-        if m.style != "llama":
-            raise ConfigError(f"model.family=moe needs model.style=llama (SwiGLU experts), got {m.style}")
-        for key in ("n_experts", "top_k", "interval"):
-            _positive(getattr(e, key), f"model.moe.{key}")
-        for key in ("n_shared_experts", "first_dense_layers", "load_balance_loss", "router_z_loss"):
-            _positive(getattr(e, key), f"model.moe.{key}", allow_zero=True)
-        _positive(e.capacity_factor, "model.moe.capacity_factor")
-        if e.d_ff_expert is not None:
-            _positive(e.d_ff_expert, "model.moe.d_ff_expert")
-        if e.top_k > e.n_experts:
-            raise ConfigError(f"model.moe.top_k ({e.top_k}) must be <= model.moe.n_experts ({e.n_experts})")
-        if e.renormalize and e.top_k == 1:
-            raise ConfigError("model.moe.renormalize=true with top_k=1 makes every gate 1, so the LM loss cannot train the router; set renormalize=false")
-        moe_span = m.n_layers - e.first_dense_layers
-        if moe_span < e.interval or moe_span % e.interval:
-            raise ConfigError(
-                f"model.n_layers ({m.n_layers}) - model.moe.first_dense_layers ({e.first_dense_layers}) must be a positive "
-                f"multiple of model.moe.interval ({e.interval})"
-            )
-    for key in ("seq_len", "global_batch_size"):
-        _positive(getattr(d, key), f"data.{key}")
-    if not m.use_rope and d.seq_len > m.max_seq_len:
-        raise ConfigError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-    if not 0.0 < d.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-    if d.max_documents is not None:
-        _positive(d.max_documents, "data.max_documents")
-    _positive(o.lr, "optim.lr")
-    _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)
-    _positive(o.warmup_steps, "optim.warmup_steps", allow_zero=True)
-    _positive(o.grad_clip, "optim.grad_clip", allow_zero=True)
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    if not 0.0 < o.decay_fraction <= 1.0:
-        raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
-    _positive(t.steps, "train.steps")
-    for key in ("log_every", "checkpoint_every", "eval_batches", "microbatches", "keep_checkpoints"):
-        _positive(getattr(t, key), f"train.{key}")
-    _positive(t.eval_every, "train.eval_every", allow_zero=True)
-    _positive(t.z_loss, "train.z_loss", allow_zero=True)
-    if d.global_batch_size % t.microbatches:
-        raise ConfigError(
-            f"data.global_batch_size ({d.global_batch_size}) must be divisible by train.microbatches ({t.microbatches})"
-        )
-    sizes = {k: getattr(cfg.mesh, k) for k in MESH_AXES}
-    fills = [k for k, v in sizes.items() if v == -1]
-    if len(fills) > 1:
-        raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + k for k in fills)}")
-    for k, v in sizes.items():
-        if v == 0 or v < -1:
-            raise ConfigError(f"mesh.{k} must be a positive size or -1, got {v}")
-    for rule in cfg.mesh.rules:
-        if len(rule) != 2:
-            raise ConfigError(f"mesh.rules: each rule is [logical_axis, mesh_axes], got {list(rule)}")
-        targets = rule[1] if isinstance(rule[1], (list, tuple)) else [rule[1]]
-        for axis in targets:
-            if axis is not None and axis not in MESH_AXES:
-                raise ConfigError(f"mesh.rules: '{rule[0]}' maps to unknown mesh axis '{axis}'; expected one of {', '.join(MESH_AXES)}")
-
-
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 
 def resolve_mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:

@@ -72,13 +72,12 @@ def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices
 
 
 def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), batches: int | None = None) -> dict[str, float]:
-    from lmjax.data import build_data
     from lmjax import sharding
 
     run = load_run(run_dir, overrides)
     setup = run.setup
     # The run's own tokenizer: evaluating with another one would make the loss meaningless.
-    data = build_data(replace(run.cfg, **{"data.tokenizer.path": str(run_dir / "tokenizer.model")}), setup.task.layout)
+    data = setup.task.build_data(replace(run.cfg, **{"data.tokenizer.path": str(run_dir / "tokenizer.model")}))
     n = batches or run.cfg.train.eval_batches
     eval_batches = [setup.global_batch(b) for b in data.eval_batches(n, jax.process_index(), jax.process_count())]
     with sharding.activate(setup.mesh, setup.rules):

@@ -70,8 +70,8 @@ def norm_params(cfg: ModelConfig) -> int:
 
 
 def embedding_params(cfg: ModelConfig) -> int:
-    """Token table, plus the learned position table (without RoPE) and the token-type table."""
-    positions = 0 if cfg.use_rope else cfg.max_seq_len
+    """Token table, plus the learned position table and the token-type table when the model has them."""
+    positions = cfg.max_seq_len if cfg.position_kind == "learned" else 0
     return (cfg.vocab_size + positions + cfg.type_vocab_size) * cfg.d_model
 
 
@@ -88,7 +88,7 @@ def block_params(cfg: ModelConfig) -> dict[str, int]:
     mlp = cfg.mlp_matrices * d * ff
     if cfg.use_bias:
         attention += q_width + 2 * kv_width + d
-        mlp += ff + d
+        mlp += (cfg.mlp_matrices - 1) * ff + d  # a bias on each hidden projection and on the output
     return {"attention": attention, "mlp": mlp, "norms": 2 * norm_params(cfg)}
 
 
@@ -147,29 +147,42 @@ def chinchilla_forward_flops(
     return sum(terms.values())
 
 
-def _model_forward_terms(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+def _model_forward_terms(cfg: ModelConfig, seq_len: int, decoder_len: int | None) -> dict[str, float]:
     """Appendix-F forward terms of one sequence of `cfg`, counted by its model family."""
-    return _family(cfg).forward_terms(cfg, seq_len)
+    family = _family(cfg)
+    if family.encoder_decoder:
+        return family.forward_terms(cfg, seq_len, decoder_len)
+    if decoder_len is not None:
+        raise FlopsError(f"decoder_len: model.family={cfg.family} has no separate decoder; expected None, got {decoder_len}")
+    return family.forward_terms(cfg, seq_len)
 
 
-def flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """Training FLOPs per token (3 x forward / seq_len) by term, plus their `total`."""
-    per_token = {name: 3.0 * flops / seq_len for name, flops in _model_forward_terms(cfg, seq_len).items()}
+def _tokens(seq_len: int, decoder_len: int | None) -> int:
+    """Tokens of one example: its sequence, or encoder plus decoder tokens (encoder-decoders)."""
+    return seq_len + (decoder_len or 0)
+
+
+def flops_breakdown(cfg: ModelConfig, seq_len: int, decoder_len: int | None = None) -> dict[str, float]:
+    """Training FLOPs per token (3 x forward / tokens) by term, plus their `total`."""
+    tokens = _tokens(seq_len, decoder_len)
+    per_token = {name: 3.0 * flops / tokens for name, flops in _model_forward_terms(cfg, seq_len, decoder_len).items()}
     per_token["total"] = sum(per_token.values())
     return per_token
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token at sequence length `seq_len`, Chinchilla appendix F count."""
-    return 3.0 * sum(_model_forward_terms(cfg, seq_len).values()) / seq_len
+def flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int | None = None) -> float:
+    """Training FLOPs per token at sequence length `seq_len`, Chinchilla appendix F count. For an
+    encoder-decoder, per token of encoder input (`seq_len`) and decoder target (`decoder_len`)."""
+    return 3.0 * sum(_model_forward_terms(cfg, seq_len, decoder_len).values()) / _tokens(seq_len, decoder_len)
 
 
-def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def model_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int | None = None) -> float:
     """Training FLOPs per token that the hardware executes as matmuls: the Chinchilla count less
-    its embedding term, which is a table lookup (a gather, no FLOPs). MFU and TFLOP/s use this
+    its embedding terms, which are table lookups (a gather, no FLOPs). MFU and TFLOP/s use this
     (PaLM, Chowdhery et al. 2022, appendix B); compute budgets keep Chinchilla's count."""
-    terms = _model_forward_terms(cfg, seq_len)
-    return 3.0 * (sum(terms.values()) - terms["embedding"]) / seq_len
+    terms = _model_forward_terms(cfg, seq_len, decoder_len)
+    matmuls = sum(v for k, v in terms.items() if not k.endswith("embedding"))
+    return 3.0 * matmuls / _tokens(seq_len, decoder_len)
 
 
 def six_n_flops_per_token(cfg: ModelConfig, include_embedding: bool = True) -> float:

@@ -1,10 +1,12 @@
-"""Sampling from a decoder LM with a KV cache.
+"""Sampling from a decoder LM or an encoder-decoder (T5) with a KV cache.
 
 `generate` prefills the cache with the whole prompt in one call, then decodes one token per step
 inside a single jitted `lax.while_loop`, so the prefix is never recomputed and the loop stops as
 soon as every row has emitted `eos_id`. All prompts of a batch have the same length (the prompt
 is a [batch, prompt_len] array): the model attends to every prompt token, so there is no left
 padding; batch prompts of different lengths by length, or generate them one at a time.
+An encoder-decoder runs its encoder on the prompt once; its decoder starts from the decoder start
+token, caching the encoder output's cross-attention keys/values at its first call.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lmjax.config import load_config
 from lmjax.errors import UserError
 from lmjax.models import model_family
 from lmjax.models.decoder import init_cache
+from lmjax.models.t5 import init_cache as init_seq2seq_cache
 
 
 class GenerateError(UserError):
@@ -65,32 +68,14 @@ def sample_logits(
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id")
-)
-def _generate(
-    model: nn.Module,
-    params,
-    prompt_BP: jax.Array,
-    rng: jax.Array,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    eos_id: int | None,
-) -> jax.Array:
-    batch, prompt_len = prompt_BP.shape
-    total_len = prompt_len + max_new_tokens
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+def _decode_loop(step_model, cache, prefix_BP: jax.Array, rng: jax.Array, max_new_tokens: int, sample, eos_id: int | None) -> jax.Array:
+    """Prefills `cache` with the prefix in one call, then decodes one token per step in a
+    `lax.while_loop` until `max_new_tokens` are written or every row has emitted eos.
+    `step_model(cache, tokens_BT, first_position, prefill)` -> (last logits [B, V], cache)."""
+    batch, prefix_len = prefix_BP.shape
+    total_len = prefix_len + max_new_tokens
     fill = 0 if eos_id is None else eos_id
-    tokens_BL = jnp.concatenate([prompt_BP, jnp.full((batch, max_new_tokens), fill, prompt_BP.dtype)], axis=1)
-
-    def step_model(cache, tokens_BT, first_position):
-        positions_BT = jnp.broadcast_to(first_position + jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-        logits_BTV, variables = model.apply(
-            {"params": params, "cache": cache}, tokens_BT, positions_BT, decode=True, mutable=["cache"]
-        )
-        return logits_BTV[:, -1], variables["cache"]
+    tokens_BL = jnp.concatenate([prefix_BP, jnp.full((batch, max_new_tokens), fill, prefix_BP.dtype)], axis=1)
 
     def emit(tokens_BL, finished_B, logits_BV, index):
         token_B = sample(logits_BV, jax.random.fold_in(rng, index)).astype(tokens_BL.dtype)
@@ -100,9 +85,8 @@ def _generate(
         tokens_BL = jax.lax.dynamic_update_slice(tokens_BL, token_B[:, None], (0, index))
         return tokens_BL, finished_B
 
-    cache = init_cache(model, batch, total_len)
-    logits_BV, cache = step_model(cache, prompt_BP, 0)
-    tokens_BL, finished_B = emit(tokens_BL, jnp.zeros((batch,), bool), logits_BV, prompt_len)
+    logits_BV, cache = step_model(cache, prefix_BP, 0, True)
+    tokens_BL, finished_B = emit(tokens_BL, jnp.zeros((batch,), bool), logits_BV, prefix_len)
 
     # Index `i` is the position of the next token to write; the token at i - 1 is fed to the model.
     def keep_going(state):
@@ -112,12 +96,55 @@ def _generate(
     def decode_one(state):
         i, cache, tokens_BL, finished_B = state
         last_B1 = jax.lax.dynamic_slice_in_dim(tokens_BL, i - 1, 1, axis=1)
-        logits_BV, cache = step_model(cache, last_B1, i - 1)
+        logits_BV, cache = step_model(cache, last_B1, i - 1, False)
         tokens_BL, finished_B = emit(tokens_BL, finished_B, logits_BV, i)
         return i + 1, cache, tokens_BL, finished_B
 
-    state = (jnp.asarray(prompt_len + 1), cache, tokens_BL, finished_B)
+    state = (jnp.asarray(prefix_len + 1), cache, tokens_BL, finished_B)
     return jax.lax.while_loop(keep_going, decode_one, state)[2]
+
+
+def _positions(tokens_BT: jax.Array, first_position) -> jax.Array:
+    return jnp.broadcast_to(first_position + jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+
+
+_STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate(model, params, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p, eos_id) -> jax.Array:
+    """Decoder LM: the prompt is the prefix the cache is prefilled with."""
+
+    def step_model(cache, tokens_BT, first_position, prefill):
+        logits_BTV, variables = model.apply(
+            {"params": params, "cache": cache}, tokens_BT, _positions(tokens_BT, first_position), decode=True, mutable=["cache"]
+        )
+        return logits_BTV[:, -1], variables["cache"]
+
+    batch, prompt_len = prompt_BP.shape
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    cache = init_cache(model, batch, prompt_len + max_new_tokens)
+    return _decode_loop(step_model, cache, prompt_BP, rng, max_new_tokens, sample, eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "start_id"))
+def _generate_seq2seq(model, params, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p, eos_id, start_id) -> jax.Array:
+    """Encoder-decoder: the encoder reads the prompt once; the decoder starts from `start_id`, its
+    first call caches the encoder output's cross-attention keys/values, later calls read them."""
+    encoded_BSD = model.apply({"params": params}, prompt_BP, method=model.encode)
+
+    def step_model(cache, tokens_BT, first_position, prefill):
+        logits_BTV, variables = model.apply(
+            {"params": params, "cache": cache}, tokens_BT, encoded_BSD if prefill else None,
+            positions=_positions(tokens_BT, first_position), decode=True, mutable=["cache"], method=model.decode,
+        )
+        return logits_BTV[:, -1], variables["cache"]
+
+    batch, prompt_len = prompt_BP.shape
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    cache = init_seq2seq_cache(model, batch, 1 + max_new_tokens, prompt_len)
+    start_B1 = jnp.full((batch, 1), start_id, prompt_BP.dtype)
+    return _decode_loop(step_model, cache, start_B1, rng, max_new_tokens, sample, eos_id)
 
 
 def generate(
@@ -130,12 +157,15 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     eos_id: int | None = None,
+    decoder_start_id: int = 0,
 ) -> np.ndarray:
     """Continues each prompt row by `max_new_tokens` tokens; returns [batch, prompt_len + max_new_tokens].
 
-    `model` is a decoder built by `lmjax.models.build_model`, `params` its 'params' collection
-    (boxed or not), `prompt_tokens` an integer array [batch, prompt_len] with prompt_len >= 1 (all
-    rows the same length). After a row emits `eos_id`, the rest of that row is `eos_id`.
+    `model` is built by `lmjax.models.build_model`, `params` its 'params' collection (boxed or
+    not), `prompt_tokens` an integer array [batch, prompt_len] with prompt_len >= 1 (all rows the
+    same length). After a row emits `eos_id`, the rest of that row is `eos_id`. An encoder-decoder
+    (T5) reads the prompt with its encoder and returns the decoder's tokens instead,
+    [batch, 1 + max_new_tokens], starting with `decoder_start_id` (T5: pad, 0).
     """
     _check_sampling(temperature, top_k, top_p)
     prompt_BP = jnp.asarray(prompt_tokens)
@@ -145,15 +175,15 @@ def generate(
         raise GenerateError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
     cfg = model.config
     total_len = prompt_BP.shape[1] + max_new_tokens
-    if not cfg.use_rope and total_len > cfg.max_seq_len:
+    if cfg.position_kind == "learned" and total_len > cfg.max_seq_len:
         raise GenerateError(f"prompt_len + max_new_tokens = {total_len} exceeds model.max_seq_len ({cfg.max_seq_len})")
-    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-        raise GenerateError(f"eos_id: expected a token id in [0, {cfg.vocab_size}), got {eos_id}")
-    tokens = _generate(
-        model, nn.unbox(params), prompt_BP.astype(jnp.int32), rng,
-        max_new_tokens, float(temperature), int(top_k), float(top_p), eos_id,
-    )
-    return np.asarray(tokens)
+    for name, token_id in (("eos_id", eos_id), ("decoder_start_id", decoder_start_id)):
+        if token_id is not None and not 0 <= token_id < cfg.vocab_size:
+            raise GenerateError(f"{name}: expected a token id in [0, {cfg.vocab_size}), got {token_id}")
+    args = (model, nn.unbox(params), prompt_BP.astype(jnp.int32), rng, max_new_tokens, float(temperature), int(top_k), float(top_p), eos_id)
+    if model_family(cfg).encoder_decoder:
+        return np.asarray(_generate_seq2seq(*args, start_id=decoder_start_id))
+    return np.asarray(_generate(*args))
 
 
 def generate_from_run(
@@ -184,20 +214,24 @@ def generate_from_run(
         if not model_family(model_cfg).generates:
             raise GenerateError(
                 f"{run_dir} holds a model.family={model_cfg.family} model, which does not generate text left to right; "
-                "expected a decoder run (family dense or moe)"
+                "expected a decoder or encoder-decoder run (family dense, moe or t5)"
             )
     # Sampling is a small batch on one device: whatever mesh the run trained on.
     single_device = [f"mesh.{axis}=1" for axis in ("data", "fsdp", "tensor", "expert")]
     run = load_run(run_dir, single_device, devices=jax.devices()[:1])
+    seq2seq = model_family(run.cfg.model).encoder_decoder
+    if seq2seq:  # the encoder reads the prompt as it read its training inputs: ending in eos
+        prompt_ids = prompt_ids + [tokenizer.eos_id]
     prompts = np.tile(np.asarray(prompt_ids, np.int32), (num_samples, 1))
     tokens = generate(
         run.model, run.params, prompts, max_new_tokens, jax.random.key(seed),
-        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, decoder_start_id=tokenizer.pad_id,
     )
     texts = []
     for row in tokens:
-        new = [int(t) for t in row[len(prompt_ids):]]
+        new = [int(t) for t in row[1 if seq2seq else len(prompt_ids):]]
         if tokenizer.eos_id in new:
             new = new[: new.index(tokenizer.eos_id)]
-        texts.append(prompt + tokenizer.decode(new))
+        # A decoder continues the prompt; an encoder-decoder's output is its answer alone.
+        texts.append(tokenizer.decode(new) if seq2seq else prompt + tokenizer.decode(new))
     return texts

@@ -21,7 +21,7 @@ from lmjax.config import Config, load_config, replace
         (["modle.d_model=3"], "unknown config key 'modle'; did you mean 'model'?"),
         (["train.steps=abc"], "train.steps: expected an integer, got 'abc'"),
         (["logging.progress=maybe"], "logging.progress: expected true or false, got 'maybe'"),
-        (["model.style=gpt3"], "model.style: expected one of llama, gpt2, bert, got 'gpt3'"),
+        (["model.style=gpt3"], "model.style: expected one of llama, gpt2, bert, t5, got 'gpt3'"),
         (["model.d_model=100", "model.n_heads=3"], "model.n_heads (3) must divide model.d_model (100)"),
         (["model.n_heads=4", "model.n_kv_heads=3"], "model.n_kv_heads (3) must divide model.n_heads (4)"),
         (["mesh.data=3"], "mesh: data=3 x fsdp=1 x tensor=1 x expert=1 = 3 devices, but 8 are available"),

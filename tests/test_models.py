@@ -218,3 +218,18 @@ def test_swiglu_gradient_matches_autodiff_of_silu():
     np.testing.assert_allclose(ours[0], reference[0], rtol=1e-6)
     for got, want in zip(ours[1](d_out), reference[1](d_out)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("feed_forward", ["swiglu", "gated_gelu", "gelu", "relu"])
+def test_feed_forward_kinds_have_their_hand_counted_parameters(style, feed_forward):
+    from lmjax import flops
+
+    cfg = tiny(style=style, feed_forward=feed_forward)
+    _, params = init_params(cfg)
+    mlp = params["layers"]["mlp"]
+    d, f, n = cfg.d_model, cfg.d_ff, cfg.n_layers
+    hidden = 2 if feed_forward in ("swiglu", "gated_gelu") else 1
+    expected = n * (hidden * d * f + f * d + ((hidden * f + d) if style == "gpt2" else 0))  # weights, then biases
+    assert sum(x.size for x in jax.tree.leaves(mlp)) == expected
+    assert sum(x.size for x in jax.tree.leaves(params)) == flops.param_counts(cfg)["total"]

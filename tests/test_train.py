@@ -242,9 +242,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_overrides):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, capsys, monkeypatch):
     """A poisoned third batch (NaN loss mask) must stop the run at step 3 and keep checkpoint 2."""
-    import lmjax.train.loop as loop
+    import lmjax.tasks.base as task_base  # the causal task builds its data through it
 
-    real_build_data = loop.build_data
+    real_build_data = task_base.build_data
 
     def poisoned_build_data(cfg, layout=None):
         data = real_build_data(cfg, layout)
@@ -267,7 +267,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ove
         data.train_iterator = lambda *args: Poisoned(real_iterator(*args))
         return data
 
-    monkeypatch.setattr(loop, "build_data", poisoned_build_data)
+    monkeypatch.setattr(task_base, "build_data", poisoned_build_data)
     run_dir = tmp_path / "nan"
     overrides = tiny_overrides + [f"run_dir={run_dir}", "train.checkpoint_every=1", "train.steps=5"]
     assert cli.main(["train", "configs/dense_tiny.yaml", *overrides]) == 1

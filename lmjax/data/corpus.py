@@ -4,6 +4,9 @@ A `Corpus` is a list of documents in a stable order, a fingerprint naming exactl
 with which content, and the number of files or records skipped by reason. The validation split
 is decided per document by a hash of its content: it does not depend on the seed, never shares a
 document text with training, and a document keeps its split when others are added or removed.
+With `data.val_paths`, those files are the validation split instead and every document of
+`data.paths` trains: a held-out set fixed by the user (another source, a later date) measures what
+a hashed sample of the training distribution cannot. A file in both sets is an error.
 
 User data (`data.paths`, paths or globs): any text file is one document; `.jsonl` / `.json` files
 are JSON lines, one document per record in the field `data.text_key`. Binary files (a NUL byte),
@@ -46,10 +49,15 @@ class Document:
 class Corpus:
     documents: list[Document]
     fingerprint: str
-    skipped: dict[str, int]  # reason ("binary", "not_utf8", "empty") -> count
+    skipped: dict[str, int]  # reason ("binary", "not_utf8", "empty") -> count, over both sets of files
+    # The documents of data.val_paths; None: validation is chosen from `documents` by content hash.
+    val_documents: list[Document] | None = None
 
     def split(self, val_fraction: float) -> tuple[list[Document], list[Document]]:
-        """(train, validation) documents, each in corpus order."""
+        """(train, validation) documents, each in corpus order; `val_fraction` is unused when the
+        corpus has validation files."""
+        if self.val_documents is not None:
+            return list(self.documents), list(self.val_documents)
         train, val = [], []
         for doc in self.documents:
             (val if is_validation(doc.text, val_fraction) else train).append(doc)
@@ -76,20 +84,21 @@ def builtin_corpus_files() -> tuple[Path, list[Path]]:
     return root, sorted(files)
 
 
-def resolve_paths(patterns: tuple[str, ...] | list[str]) -> list[Path]:
-    """Sorted unique files named by `patterns` (paths or globs, `~` expanded, `**` recursive)."""
+def resolve_paths(patterns: tuple[str, ...] | list[str], key: str = "data.paths") -> list[Path]:
+    """Sorted unique files named by `patterns` (paths or globs, `~` expanded, `**` recursive);
+    `key` is the config key that errors name."""
     files: set[Path] = set()
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         if _GLOB_CHARS & set(expanded):
             matches = [Path(m) for m in glob.glob(expanded, recursive=True) if os.path.isfile(m)]
             if not matches:
-                raise DataError(f"data.paths: the glob '{pattern}' matches no files")
+                raise DataError(f"{key}: the glob '{pattern}' matches no files")
             files.update(m.resolve() for m in matches)
         elif os.path.isdir(expanded):
-            raise DataError(f"data.paths: '{pattern}' is a directory; give files or a glob such as '{pattern}/**/*.txt'")
+            raise DataError(f"{key}: '{pattern}' is a directory; give files or a glob such as '{pattern}/**/*.txt'")
         elif not os.path.isfile(expanded):
-            raise DataError(f"data.paths: file '{pattern}' not found")
+            raise DataError(f"{key}: file '{pattern}' not found")
         else:
             files.add(Path(expanded).resolve())
     return sorted(files)
@@ -156,26 +165,67 @@ def fingerprint_documents(documents: list[Document]) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_corpus(data: DataConfig) -> Corpus:
-    """The documents of `data.paths` (or the built-in corpus), at most `data.max_documents`."""
-    if data.paths:
-        files = resolve_paths(data.paths)
-        root = Path(os.path.commonpath([f.parent for f in files]))
-        source = f"data.paths {list(data.paths)}"
-    else:
-        root, files = builtin_corpus_files()
-        source = f"the built-in corpus ({root})"
+def with_validation_fingerprint(train: str, val: str | None) -> str:
+    """The fingerprint of a training set plus, when given, separate validation files; `train`
+    alone when `val` is None, so corpora without validation files keep their cache keys."""
+    if val is None:
+        return train
+    return hashlib.sha256(f"train\0{train}\0val\0{val}\n".encode()).hexdigest()[:16]
+
+
+def shared_root(files: list[Path]) -> Path:
+    """The folder that document names are relative to: the deepest one holding all `files`."""
+    return Path(os.path.commonpath([f.parent for f in files]))
+
+
+def _read_corpus_files(files: list[Path], root: Path, text_key: str, limit: int | None, skipped: Counter) -> list[Document]:
     documents: list[Document] = []
-    skipped: Counter[str] = Counter()
-    for doc, reason in _read_documents(files, root, data.text_key):
+    for doc, reason in _read_documents(files, root, text_key):
         if doc is None:
             skipped[reason] += 1
             continue
         documents.append(doc)
-        if data.max_documents is not None and len(documents) >= data.max_documents:
+        if limit is not None and len(documents) >= limit:
             break  # stop reading: a capped corpus is for quick runs
+    return documents
+
+
+def _no_documents(source: str, skipped: Counter) -> DataError:
+    found = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+    found = f"skipped: {found}" if found else "no records found"
+    return DataError(f"{source}: no usable documents ({found}); expected UTF-8 text files or JSONL records")
+
+
+def check_disjoint(train_files: list[Path], val_files: list[Path]) -> None:
+    """A file in both data.paths and data.val_paths would be validated on what it trained on."""
+    both = sorted(set(train_files) & set(val_files))
+    if both:
+        raise DataError(f"{both[0]} is in both data.paths and data.val_paths ({len(both)} such files); validation must not train")
+
+
+def load_corpus(data: DataConfig) -> Corpus:
+    """The documents of `data.paths` (or the built-in corpus), at most `data.max_documents`, and
+    those of `data.val_paths` (all of them) when given."""
+    if data.paths:
+        files = resolve_paths(data.paths)
+        root = shared_root(files)
+        source = f"data.paths {list(data.paths)}"
+    else:
+        root, files = builtin_corpus_files()
+        source = f"the built-in corpus ({root})"
+    skipped: Counter[str] = Counter()
+    documents = _read_corpus_files(files, root, data.text_key, data.max_documents, skipped)
     if not documents:
-        found = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
-        found = f"skipped: {found}" if found else "no records found"
-        raise DataError(f"{source}: no usable documents ({found}); expected UTF-8 text files or JSONL records")
-    return Corpus(documents=documents, fingerprint=fingerprint_documents(documents), skipped=dict(skipped))
+        raise _no_documents(source, skipped)
+    val_documents, val_fingerprint = None, None
+    if data.val_paths:
+        val_files = resolve_paths(data.val_paths, key="data.val_paths")
+        check_disjoint(files, val_files)
+        val_skipped: Counter[str] = Counter()
+        val_documents = _read_corpus_files(val_files, shared_root(val_files), data.text_key, None, val_skipped)
+        if not val_documents:
+            raise _no_documents(f"data.val_paths {list(data.val_paths)}", val_skipped)
+        skipped += val_skipped
+        val_fingerprint = fingerprint_documents(val_documents)
+    fingerprint = with_validation_fingerprint(fingerprint_documents(documents), val_fingerprint)
+    return Corpus(documents=documents, fingerprint=fingerprint, skipped=dict(skipped), val_documents=val_documents)

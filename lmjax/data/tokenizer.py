@@ -3,7 +3,8 @@
 Training settings are chosen so that any text, source code included, decodes back to itself:
 no normalisation, spaces and newlines kept, no dummy prefix space, and byte fallback for
 characters outside the vocabulary (the one exception: a literal U+2581 '▁' decodes as a space).
-Ids are fixed: pad 0, unk 1, bos 2, eos 3, then `special_tokens`.
+Ids are fixed: pad 0, unk 1, bos 2, eos 3, then `special_tokens`, then the `sentinels` T5's span
+corruption replaces spans with (`<extra_id_0>`, ...; none by default).
 
 `Tokenizer.token_bytes` gives the UTF-8 bytes each token stands for, so losses convert to bits
 per byte, a unit that does not change with the vocabulary.
@@ -31,10 +32,17 @@ logger = logging.getLogger(__name__)
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SENTENCE_CHARS = 2048  # training sentences are chunks of whole lines up to this length
 MODEL_FILE = "tokenizer.model"
+SENTINEL_FORMAT = "<extra_id_{}>"  # T5's sentinel pieces (lmjax/data/span_corruption.py)
 
 
 class TokenizerError(DataError):
     """A tokenizer that cannot be trained, loaded or used with this model."""
+
+
+def sentinel_tokens(count: int) -> list[str]:
+    """T5's sentinel pieces `<extra_id_0>` ... `<extra_id_{count - 1}>`. Here rather than in
+    span_corruption.py (which imports this module) because training reserves them."""
+    return [SENTINEL_FORMAT.format(i) for i in range(count)]
 
 
 def _trainer_options(vocab_size: int, model_type: str, special_tokens: Sequence[str]) -> dict:
@@ -117,7 +125,7 @@ def train_tokenizer(
     except RuntimeError as e:
         raise TokenizerError(
             f"training the {model_type} tokenizer (vocab_size {vocab_size}) failed: {str(e).strip()}; "
-            f"the vocab must hold 4 control ids, the special tokens, 256 byte pieces and the corpus's characters"
+            f"the vocab must hold 4 control ids, the special tokens and sentinels, 256 byte pieces and the corpus's characters"
         ) from None
     return Path(f"{out_prefix}.model")
 
@@ -191,7 +199,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def _trained_or_cached(cfg: Config, documents: Sequence[str], fingerprint: str) -> tuple[Tokenizer, bool]:
     """(tokenizer, whether it was trained now) for the config's settings on this corpus."""
     settings = cfg.data.tokenizer
-    options = _trainer_options(cfg.model.vocab_size, settings.model_type, settings.special_tokens)
+    # Sentinels go after the special tokens; with none, options (and so cache keys) are as before.
+    symbols = tuple(settings.special_tokens) + tuple(sentinel_tokens(settings.sentinels))
+    options = _trainer_options(cfg.model.vocab_size, settings.model_type, symbols)
     key = cache_key(
         fingerprint=fingerprint,
         val_fraction=cfg.data.val_fraction,  # which documents are the training split
@@ -208,7 +218,7 @@ def _trained_or_cached(cfg: Config, documents: Sequence[str], fingerprint: str) 
             documents,
             cfg.model.vocab_size,
             settings.model_type,
-            settings.special_tokens,
+            symbols,
             settings.train_chars,
             out_prefix=folder / Path(MODEL_FILE).stem,
         )

@@ -32,13 +32,13 @@ import jax.numpy as jnp
 
 from lmjax import flops
 from lmjax.config import ModelConfig
-from lmjax.errors import UserError
 from lmjax.models.layers import (
     MLP,
     RESIDUAL_AXES,
     Block,
     Embed,
     LanguageModel,
+    ModelInputError,
     block_class,
     learned_positions,
     make_norm,
@@ -51,10 +51,6 @@ from lmjax.models.moe import STATS, MoEFeedForward, aux_loss_and_metrics
 # AUX_LOSS (a per-token scalar) to its objective and logs AUX_METRICS (a dict of per-token
 # averages). This is the whole contract between a model's auxiliary losses and the trainer.
 AUX_LOSS, AUX_METRICS = "aux_loss", "aux_metrics"
-
-
-class ModelInputError(UserError):
-    """Inputs of the wrong rank, length or kind for the model."""
 
 
 class MoELayerGroup(nn.Module):

@@ -29,12 +29,12 @@ import jax.numpy as jnp
 
 from lmjax import flops
 from lmjax.config import ModelConfig
-from lmjax.models.decoder import ModelInputError
 from lmjax.models.layers import (
     RESIDUAL_AXES,
     Dense,
     Embed,
     LanguageModel,
+    ModelInputError,
     block_class,
     gelu,
     learned_positions,

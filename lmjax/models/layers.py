@@ -1,4 +1,5 @@
-"""Transformer building blocks: projections, norms, RoPE, attention with a KV cache, MLPs.
+"""Transformer building blocks: projections, norms, RoPE, self- and cross-attention with a KV
+cache, MLPs.
 
 Shape suffixes on array names: B batch, T query length, S key length, D d_model, N query heads,
 K key/value heads, H head_dim, F d_ff (MLP hidden), V vocab.
@@ -14,12 +15,18 @@ statistics, RoPE angles and softmax (inside `jax.nn.dot_product_attention`) are 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from lmjax.config import ConfigError, ModelConfig
+from lmjax.errors import UserError
+
+class ModelInputError(UserError):
+    """Inputs of the wrong rank, length or kind for the model."""
+
 
 # Logical axis names of the main activations.
 RESIDUAL_AXES = ("batch", "length", "embed")
@@ -34,6 +41,22 @@ def output_projection_std(config: ModelConfig) -> float:
     """GPT-2 init: projections that write into the residual stream get std / sqrt(2 * n_layers),
     so the residual variance at init does not grow with depth (two writes per block)."""
     return config.init_std / (2 * config.n_layers) ** 0.5
+
+
+def init_std(config: ModelConfig, kind: str) -> float:
+    """Initial std of a weight by kind: query, key_value, attention_out, mlp_in, mlp_out, embedding, unembed.
+
+    T5 style is T5X's init (fan-in variance scaling; the query also divided by sqrt(head_dim), which
+    stands in for the score scaling T5 leaves out; token table N(0, 1) as the RMS-normed blocks read
+    it unscaled). Other styles: `init_std`, with GPT-2's depth scaling on residual writes."""
+    if config.style == "t5":
+        d, heads_width = config.d_model, config.n_heads * config.head_size
+        fan_in = {"query": d * config.head_size, "key_value": d, "attention_out": heads_width, "mlp_in": d,
+                  "mlp_out": config.d_ff, "embedding": 1, "unembed": d}
+        return fan_in[kind] ** -0.5
+    if kind in ("attention_out", "mlp_out"):
+        return output_projection_std(config)
+    return config.init_std
 
 
 class LanguageModel(nn.Module):
@@ -126,6 +149,45 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     return rotated.astype(x_BTNH.dtype)
 
 
+def head_projection(config: ModelConfig, name: str, heads: int, heads_axis: str) -> Callable[[jax.Array], jax.Array]:
+    """x [..., D] -> [..., heads, head_dim]: query (heads axis 'heads'), key or value ('kv_heads')."""
+    kind = "query" if name == "query" else "key_value"
+    dense = Dense(
+        features=(heads, config.head_size),
+        kernel_axes=("embed", heads_axis, "head_dim"),
+        init_std=init_std(config, kind),
+        use_bias=config.use_bias,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        name=name,
+    )
+    return lambda x: nn.with_logical_constraint(dense(x), ("batch", "length", heads_axis, "head_dim"))
+
+
+def attention_output(config: ModelConfig) -> Callable[[jax.Array], jax.Array]:
+    """The output projection `out` [N, H, D] of attention heads [B, T, N, H]."""
+    dense = Dense(
+        features=(config.d_model,),
+        kernel_axes=("heads", "head_dim", "embed"),
+        init_std=init_std(config, "attention_out"),
+        in_dims=2,
+        use_bias=config.use_bias,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        name="out",
+    )
+    return lambda out_BTNH: dense(nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim")))
+
+
+def attention_kernel(config: ModelConfig) -> str | None:
+    """`implementation` of jax.nn.dot_product_attention for training and eval."""
+    if config.attention != "cudnn":
+        return None
+    if jnp.dtype(config.dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ConfigError(f"model.attention=cudnn needs model.dtype=bfloat16 (cuDNN flash attention), got {config.dtype}")
+    return "cudnn"
+
+
 class Attention(nn.Module):
     """Self-attention with grouped-query heads, segment masking and an optional KV cache.
 
@@ -150,56 +212,33 @@ class Attention(nn.Module):
     causal: bool = True
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None) -> jax.Array:
+    def __call__(
+        self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None, bias_BNTS: jax.Array | None = None
+    ) -> jax.Array:
+        """`bias_BNTS`: an additive float32 bias of the scores (T5's relative positions), [B or 1,
+        N, T, S] with S the cache length when decoding."""
         cfg = self.config
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        use_bias = cfg.use_bias
-
-        def project(name: str, heads: int, heads_axis: str) -> jax.Array:
-            dense = Dense(
-                features=(heads, cfg.head_size),
-                kernel_axes=("embed", heads_axis, "head_dim"),
-                init_std=cfg.init_std,
-                use_bias=use_bias,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                name=name,
-            )
-            return nn.with_logical_constraint(dense(x_BTD), ("batch", "length", heads_axis, "head_dim"))
-
-        q_BTNH = project("query", cfg.n_heads, "heads")
-        k_BTKH = project("key", cfg.kv_heads, "kv_heads")
-        v_BTKH = project("value", cfg.kv_heads, "kv_heads")
+        q_BTNH = head_projection(cfg, "query", cfg.n_heads, "heads")(x_BTD)
+        k_BTKH = head_projection(cfg, "key", cfg.kv_heads, "kv_heads")(x_BTD)
+        v_BTKH = head_projection(cfg, "value", cfg.kv_heads, "kv_heads")(x_BTD)
         if cfg.use_rope:
             q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
             k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
 
         if self.decode:
             k_BSKH, v_BSKH, mask_11TS = self._update_cache(k_BTKH, v_BTKH)
-            out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_11TS)
+            out_BTNH = jax.nn.dot_product_attention(
+                q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_11TS, scale=cfg.attention_scale
+            )
         else:
             mask_B1TT = None
             if segment_ids_BT is not None:
                 mask_B1TT = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-            implementation = None
-            if cfg.attention == "cudnn":
-                if dtype not in (jnp.bfloat16, jnp.float16):
-                    raise ConfigError(f"model.attention=cudnn needs model.dtype=bfloat16 (cuDNN flash attention), got {cfg.dtype}")
-                implementation = "cudnn"
             out_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT, is_causal=self.causal, implementation=implementation
+                q_BTNH, k_BTKH, v_BTKH, bias=bias_BNTS, mask=mask_B1TT, scale=cfg.attention_scale,
+                is_causal=self.causal, implementation=attention_kernel(cfg),
             )
-        out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
-        return Dense(
-            features=(cfg.d_model,),
-            kernel_axes=("heads", "head_dim", "embed"),
-            init_std=output_projection_std(cfg),
-            in_dims=2,
-            use_bias=use_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            name="out",
-        )(out_BTNH)
+        return attention_output(cfg)(out_BTNH)
 
     def _update_cache(self, k_BTKH: jax.Array, v_BTKH: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         # `model.init(..., decode=True)` with inputs of length S_max only creates the cache; the
@@ -220,6 +259,33 @@ class Attention(nn.Module):
         query_index_T = start + jnp.arange(query_len)
         visible_11TS = (jnp.arange(max_len)[None, :] <= query_index_T[:, None])[None, None]
         return cached_key.value, cached_value.value, visible_11TS
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries attend to the encoder output (no position bias, T5's EncDecAttention)."""
+
+    config: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, encoded_BSD: jax.Array | None, mask_B1TS: jax.Array | None) -> jax.Array:
+        cfg = self.config
+        q_BTNH = head_projection(cfg, "query", cfg.n_heads, "heads")(x_BTD)
+        if encoded_BSD is not None:
+            k_BSKH = head_projection(cfg, "key", cfg.kv_heads, "kv_heads")(encoded_BSD)
+            v_BSKH = head_projection(cfg, "value", cfg.kv_heads, "kv_heads")(encoded_BSD)
+        if self.decode:  # the encoder's keys/values, projected once per generation
+            if encoded_BSD is None and not self.has_variable("cache", "cached_key"):
+                raise ModelInputError("encoded: the first decoding call must pass the encoder output (cross-attention cache is empty)")
+            cached_key = self.variable("cache", "cached_key", lambda: k_BSKH)
+            cached_value = self.variable("cache", "cached_value", lambda: v_BSKH)
+            if encoded_BSD is not None:
+                cached_key.value, cached_value.value = k_BSKH, v_BSKH
+            k_BSKH, v_BSKH = cached_key.value, cached_value.value
+        elif encoded_BSD is None:
+            raise ModelInputError("encoded: the encoder output is required outside decoding")
+        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=cfg.attention_scale)
+        return attention_output(cfg)(out_BTNH)
 
 
 @jax.custom_vjp
@@ -248,12 +314,15 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def gelu(x: jax.Array, config: ModelConfig) -> jax.Array:
-    """GPT-2's tanh approximation, or the exact erf form in bert style (as BERT was trained)."""
+    """The tanh approximation (GPT-2, T5 v1.1's gelu_new), or the exact erf form in bert style (as
+    BERT was trained)."""
     return jax.nn.gelu(x, approximate=config.style != "bert")
 
 
 class MLP(nn.Module):
-    """llama: SwiGLU, down(silu(gate(x)) * up(x)), no biases. gpt2/bert: down(gelu(fc_in(x))) with biases."""
+    """`config.ffn`: swiglu down(silu(gate(x)) * up(x)) (llama), gated_gelu down(gelu(gate(x)) * up(x))
+    (T5 v1.1), gelu down(gelu(fc_in(x))) (gpt2, bert), relu down(relu(fc_in(x))) (original T5).
+    Biases in gpt2 and bert style."""
 
     config: ModelConfig
 
@@ -264,15 +333,19 @@ class MLP(nn.Module):
         use_bias = cfg.use_bias
 
         def hidden(name: str) -> jax.Array:
-            dense = Dense((cfg.d_ff,), ("embed", "mlp"), cfg.init_std, use_bias=use_bias, name=name, **common)
+            dense = Dense((cfg.d_ff,), ("embed", "mlp"), init_std(cfg, "mlp_in"), use_bias=use_bias, name=name, **common)
             return nn.with_logical_constraint(dense(x_BTD), MLP_HIDDEN_AXES)
 
-        if cfg.style == "llama":
+        if cfg.ffn == "swiglu":
             h_BTF = swiglu(hidden("gate"), hidden("up"))
+        elif cfg.ffn == "gated_gelu":
+            h_BTF = gelu(hidden("gate"), cfg) * hidden("up")
+        elif cfg.ffn == "relu":
+            h_BTF = jax.nn.relu(hidden("fc_in"))
         else:
             h_BTF = gelu(hidden("fc_in"), cfg)
         h_BTF = nn.with_logical_constraint(h_BTF, MLP_HIDDEN_AXES)
-        down = Dense((cfg.d_model,), ("mlp", "embed"), output_projection_std(cfg), use_bias=use_bias, name="down", **common)
+        down = Dense((cfg.d_model,), ("mlp", "embed"), init_std(cfg, "mlp_out"), use_bias=use_bias, name="down", **common)
         return down(h_BTF)
 
 
@@ -287,18 +360,18 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None
+        self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None, bias_BNTS: jax.Array | None = None
     ) -> tuple[jax.Array, None]:
         cfg = self.config
         attention = Attention(cfg, decode=self.decode, causal=self.causal, name="attention")
         mlp = self.mlp_cls(cfg, name="mlp")
         attention_norm, mlp_norm = make_norm(cfg, "attention_norm"), make_norm(cfg, "mlp_norm")
         if cfg.post_norm:
-            x_BTD = attention_norm(x_BTD + attention(x_BTD, positions_BT, segment_ids_BT))
+            x_BTD = attention_norm(x_BTD + attention(x_BTD, positions_BT, segment_ids_BT, bias_BNTS))
             x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL_AXES)
             x_BTD = mlp_norm(x_BTD + mlp(x_BTD))
         else:
-            x_BTD = x_BTD + attention(attention_norm(x_BTD), positions_BT, segment_ids_BT)
+            x_BTD = x_BTD + attention(attention_norm(x_BTD), positions_BT, segment_ids_BT, bias_BNTS)
             x_BTD = nn.with_logical_constraint(x_BTD, RESIDUAL_AXES)
             x_BTD = x_BTD + mlp(mlp_norm(x_BTD))
         return nn.with_logical_constraint(x_BTD, RESIDUAL_AXES), None
@@ -312,14 +385,14 @@ REMAT_POLICIES = {
 }
 
 
-def block_class(config: ModelConfig, decode: bool = False) -> type[nn.Module]:
-    """Block, under `nn.remat` when `config.remat` asks for it (never when decoding: there is no
-    backward pass to save for)."""
+def block_class(config: ModelConfig, decode: bool = False, block: type[nn.Module] = Block) -> type[nn.Module]:
+    """`block` (default Block), under `nn.remat` when `config.remat` asks for it (never when
+    decoding: there is no backward pass to save for)."""
     if config.remat == "none" or decode:
-        return Block
+        return block
     # Inside nn.scan the loop already stops XLA from merging the recomputation with the forward
     # pass, so the CSE barrier is only needed for the unrolled loop.
-    return nn.remat(Block, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+    return nn.remat(block, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
 
 
 def scan_stack(module_cls: type[nn.Module], length: int) -> type[nn.Module]:
@@ -329,7 +402,7 @@ def scan_stack(module_cls: type[nn.Module], length: int) -> type[nn.Module]:
         module_cls,
         variable_axes={"params": 0, "cache": 0, "intermediates": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=nn.broadcast,  # every argument but the carry (positions, segment ids, biases, ...)
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
@@ -349,9 +422,8 @@ class Embed(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        self.embedding = self.param(
-            "embedding", partitioned_normal(cfg.init_std, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype)
-        )
+        table_init = partitioned_normal(init_std(cfg, "embedding"), ("vocab", "embed"))
+        self.embedding = self.param("embedding", table_init, (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         return lookup(self.embedding, tokens_BT).astype(jnp.dtype(self.config.dtype))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lmjax import flops
+from lmjax.tasks import build_task
 from lmjax.config import Config, ConfigError, ModelConfig, build, flatten_dotted, load_config, load_yaml, parse_override
 from lmjax.config import replace, to_dict, validate
 from lmjax.scaling.runs import PARAM_CONVENTIONS, params_under_convention
@@ -189,11 +190,11 @@ class PlannedRun:
 
     @property
     def tokens(self) -> int:
-        return self.steps * self.config.data.global_batch_size * self.config.data.seq_len
+        return self.steps * self.config.data.global_batch_size * build_task(self.config).tokens_per_row()
 
     @property
     def flops_per_token(self) -> float:
-        return flops.flops_per_token(self.config.model, self.config.data.seq_len)
+        return flops.flops_per_token(self.config.model, self.config.data.seq_len, build_task(self.config).decoder_len())
 
     @property
     def flops(self) -> float:
@@ -326,9 +327,10 @@ def _check(sweep: SweepConfig) -> None:
 
 
 def steps_for_budget(budget: float, model: ModelConfig, batch_size: int, seq_len: int,
-                     rules: ScheduleRules) -> tuple[int, str | None]:
-    """(whole steps whose counted FLOPs are closest to budget, why the run must be dropped or None)."""
-    flops_per_step = batch_size * seq_len * flops.flops_per_token(model, seq_len)
+                     rules: ScheduleRules, decoder_len: int | None = None) -> tuple[int, str | None]:
+    """(whole steps whose counted FLOPs are closest to budget, why the run must be dropped or None).
+    An encoder-decoder row holds `seq_len` encoder and `decoder_len` decoder tokens."""
+    flops_per_step = batch_size * (seq_len + (decoder_len or 0)) * flops.flops_per_token(model, seq_len, decoder_len)
     steps = round(budget / flops_per_step)
     if steps < rules.min_steps:
         return steps, f"{budget / flops_per_step:.1f} steps < schedule.min_steps={rules.min_steps}"
@@ -390,7 +392,7 @@ def plan_sweep(sweep: SweepConfig, base_dir: Path) -> SweepPlan:
                 continue
             models[total] = model
             steps, drop_reason = steps_for_budget(budget, model, base.data.global_batch_size, base.data.seq_len,
-                                                  sweep.schedule)
+                                                  sweep.schedule, build_task(base).decoder_len())
             if drop_reason:
                 warnings.append(f"dropped C={format_number(budget)} N={format_number(params)} ({where}): {drop_reason}")
                 continue

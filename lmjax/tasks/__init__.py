@@ -6,8 +6,9 @@ from lmjax.config import Config, ConfigError
 from lmjax.tasks.base import Task
 from lmjax.tasks.causal_lm import CausalLMTask
 from lmjax.tasks.mlm import MLMTask
+from lmjax.tasks.seq2seq import EncoderDecoderTask, Seq2SeqTask, SpanCorruptionTask
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (CausalLMTask, MLMTask)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (CausalLMTask, MLMTask, SpanCorruptionTask, Seq2SeqTask)}
 
 
 def build_task(cfg: Config) -> Task:
@@ -16,4 +17,4 @@ def build_task(cfg: Config) -> Task:
     return TASKS[cfg.train.objective](cfg)
 
 
-__all__ = ["TASKS", "CausalLMTask", "MLMTask", "Task", "build_task"]
+__all__ = ["TASKS", "CausalLMTask", "EncoderDecoderTask", "MLMTask", "Seq2SeqTask", "SpanCorruptionTask", "Task", "build_task"]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax.config import Config
-from lmjax.data.pipeline import Data, RowLayout
+from lmjax.data.pipeline import Data, RowLayout, build_data
 from lmjax.data.tokenizer import Tokenizer
 
 Batch = dict[str, jax.Array]
@@ -45,6 +45,20 @@ def token_cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> tuple[j
     log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
     target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
     return log_z_BL - target_logit_BL, log_z_BL
+
+
+def target_token_sums(logits_BLV: jax.Array, batch: Batch, accuracy_name: str) -> dict[str, jax.Array]:
+    """Sums over the target tokens of `batch` (`loss_mask`): cross-entropy, z-loss, argmax
+    accuracy (as `{accuracy_name}_sum`) and the token count, the normaliser."""
+    ce_BL, log_z_BL = token_cross_entropy(logits_BLV, batch["targets"])
+    mask_BL = batch["loss_mask"].astype(jnp.float32)
+    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == batch["targets"]).astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(ce_BL * mask_BL),
+        "z_loss_sum": jnp.sum(jnp.square(log_z_BL) * mask_BL),
+        f"{accuracy_name}_sum": jnp.sum(correct_BL * mask_BL),
+        "tokens": jnp.sum(mask_BL),
+    }
 
 
 class Task(abc.ABC):
@@ -71,6 +85,20 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def layout(self, tokenizer: Tokenizer) -> RowLayout:
         """The row layout that makes this task's host batches from the tokenized corpus."""
+
+    def build_data(self, cfg: Config) -> Data:
+        """The data of a run of this task (`cfg` may differ from `self.cfg` in its tokenizer path):
+        the corpus, tokenized and laid out in rows (default), or the task's own examples."""
+        return build_data(cfg, self.layout)
+
+    def decoder_len(self) -> int | None:
+        """Decoder tokens per row of an encoder-decoder task (None: one sequence of `data.seq_len`)."""
+        return None
+
+    def tokens_per_row(self) -> int:
+        """Tokens one row trains on (encoder plus decoder tokens for encoder-decoders): the unit
+        of throughput and of `lmjax.flops`' per-token counts."""
+        return self.cfg.data.seq_len + (self.decoder_len() or 0)
 
     def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
         return batch["tokens"], batch["positions"], batch["segment_ids"]

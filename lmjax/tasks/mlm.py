@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax.data.masking import MaskedRows, MaskingTables
-from lmjax.tasks.base import Task, token_cross_entropy
+from lmjax.tasks.base import Task, target_token_sums
 
 
 class MLMTask(Task):
@@ -22,20 +22,9 @@ class MLMTask(Task):
         tables = MaskingTables(tokenizer, self.cfg.mlm, self.cfg.data.tokenizer.special_tokens)
         return MaskedRows(self.cfg.mlm, tables, self.cfg.seed)
 
-    def _masked_sums(self, logits_BLV, batch) -> dict:
-        ce_BL, log_z_BL = token_cross_entropy(logits_BLV, batch["targets"])
-        mask_BL = batch["loss_mask"].astype(jnp.float32)
-        correct_BL = (jnp.argmax(logits_BLV, axis=-1) == batch["targets"]).astype(jnp.float32)
-        return {
-            "loss_sum": jnp.sum(ce_BL * mask_BL),
-            "z_loss_sum": jnp.sum(jnp.square(log_z_BL) * mask_BL),
-            "mlm_accuracy_sum": jnp.sum(correct_BL * mask_BL),
-            "tokens": jnp.sum(mask_BL),
-        }
-
     def loss(self, params, frozen, batch, model):
         logits_BLV, state = model.apply({"params": params}, *self.model_inputs(batch), mutable=["intermediates"])
-        sums = self._masked_sums(logits_BLV, batch)
+        sums = target_token_sums(logits_BLV, batch, "mlm_accuracy")
         return self.objective(sums, state), sums
 
     def eval_constants(self, data):
@@ -47,7 +36,7 @@ class MLMTask(Task):
 
     def eval_sums(self, params, frozen, batch, model, constants):
         logits_BLV = model.apply({"params": params}, *self.model_inputs(batch))
-        sums = self._masked_sums(logits_BLV, batch)
+        sums = target_token_sums(logits_BLV, batch, "mlm_accuracy")
         mask_BL = batch["loss_mask"].astype(jnp.float32)
         sums["bytes"] = jnp.sum(constants["token_bytes"][batch["targets"]] * mask_BL)
         sums["unigram_correct"] = jnp.sum((batch["targets"] == constants["most_frequent_token"]) * mask_BL)

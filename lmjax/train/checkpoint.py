@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from lmjax.errors import CheckpointError
@@ -54,6 +55,24 @@ class Checkpointer:
                 f"({first_line[:200]}); use a new run_dir or the config the run was started with"
             ) from None
         return restored["state"], restored["data"]
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """The parameters alone of checkpoint `step`, onto the shardings of `abstract_params` (any
+        mesh or host count): a fine-tuning run reads them without the source's optimizer state."""
+        restore_args = jax.tree.map(
+            lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), abstract_params
+        )
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                self.directory / str(step) / "state",
+                args=ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True),
+            )
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)}: its parameters do not match this model ({first_line[:200]})"
+            ) from None
+        return restored["params"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -28,12 +28,12 @@ import jax
 import lmjax
 from lmjax import flops, sharding
 from lmjax.config import Config, ConfigError, build, config_yaml, flatten_dotted, load_yaml, replace, to_dict
-from lmjax.data import build_data
 from lmjax.errors import NonFiniteLossError
 from lmjax.evaluate import eval_constants, evaluate
 from lmjax.fileio import read_completed_summary, write_json_atomic, write_text_atomic
 from lmjax.tasks import Task
 from lmjax.train.checkpoint import Checkpointer
+from lmjax.train.init_from import load_source_params
 from lmjax.train.metrics import MetricsLogger
 from lmjax.train.optim import make_schedule
 from lmjax.train.step import ModelSetup
@@ -110,11 +110,12 @@ class Trainer:
         self.setup = ModelSetup.build(cfg, devices, task)  # mesh and shape checks before any data or compile work
         prepare_run_dir(cfg, self.run_dir)
         self.is_main = jax.process_index() == 0
-        self.steps, self.seq_len = cfg.train.steps, cfg.data.seq_len
-        self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+        self.steps, task = cfg.train.steps, self.setup.task
+        self.tokens_per_step = cfg.data.global_batch_size * task.tokens_per_row()
         self.counts = flops.param_counts(cfg.model)
-        self.flops_per_token = flops.flops_per_token(cfg.model, self.seq_len)  # Chinchilla count: budgets, summary
-        self.model_flops_per_token = flops.model_flops_per_token(cfg.model, self.seq_len)  # matmul FLOPs: TFLOP/s, MFU
+        lengths = (cfg.data.seq_len, task.decoder_len())
+        self.flops_per_token = flops.flops_per_token(cfg.model, *lengths)  # Chinchilla count: budgets, summary
+        self.model_flops_per_token = flops.model_flops_per_token(cfg.model, *lengths)  # matmul FLOPs: TFLOP/s, MFU
         self.peak, self.peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype)
         self.schedule = make_schedule(cfg)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
@@ -122,6 +123,7 @@ class Trainer:
         # Bookkeeping of the loop (set by run()).
         self.state = self.data = self.train_iter = self.eval_batches = self.eval_constants = self.logger = None
         self.elapsed_before = 0.0
+        self.init_from_step = None  # the source checkpoint's step of a `train.init_from` run
         self.last_loss = self.last_eval = self.last_tokens_per_sec = None
         self.window_time, self.window_step = None, 0
 
@@ -153,7 +155,7 @@ class Trainer:
         # so a cache wipe or a sentencepiece upgrade can never change the tokens mid-run.
         run_tokenizer = self.run_dir / "tokenizer.model"
         cfg = replace(self.cfg, **{"data.tokenizer.path": str(run_tokenizer)}) if run_tokenizer.exists() else self.cfg
-        self.data = build_data(cfg, self.setup.task.layout)
+        self.data = self.setup.task.build_data(cfg)
         if self.is_main and not run_tokenizer.exists():
             shutil.copyfile(self.data.tokenizer.path, run_tokenizer)
         self.train_iter = self.data.train_iterator(jax.process_index(), jax.process_count())
@@ -163,12 +165,18 @@ class Trainer:
 
     def _restore_or_init(self) -> int:
         latest = self.checkpointer.latest_step()
-        if latest is None:
+        if latest is None and self.cfg.train.init_from:
+            params, self.init_from_step = load_source_params(self.cfg, self.setup)
+            self.state = self.setup.factory.create(self.cfg.seed, params)
+            if self.is_main:
+                print(f"initialised from {self.cfg.train.init_from} (step {self.init_from_step})")
+        elif latest is None:
             self.state = self.setup.factory.create(self.cfg.seed)
         else:
             self.state, data_state = self.checkpointer.restore(latest, self.setup.factory.abstract())
             self.train_iter.set_state(data_state["iterator"])
             self.elapsed_before = float(data_state.get("wall_time_s", 0.0))
+            self.init_from_step = data_state.get("init_from_step")
         return int(jax.device_get(self.state.step))
 
     def _announce(self, start_step: int) -> None:
@@ -183,6 +191,11 @@ class Trainer:
             f"{self.data.stats['tokens']['train']:,} train tokens | "
             + (f"resuming at step {start_step}" if start_step else f"{self.steps} steps of {self.tokens_per_step:,} tokens")
         )
+        overlong = self.data.stats.get("overlong", {})  # examples longer than a row (seq2seq, SFT)
+        if any(any(counts.values()) for counts in overlong.values()):
+            print("examples longer than a row: " + "; ".join(
+                f"{split} {', '.join(f'{n:,} {what}' for what, n in counts.items())}" for split, counts in overlong.items()
+            ))
 
     def _train_steps(self, step: int) -> None:
         every = self.cfg.train
@@ -265,7 +278,10 @@ class Trainer:
 
     def save(self, step: int) -> None:
         wall = self.elapsed_before + time.perf_counter() - self.wall_start
-        self.checkpointer.save(step, self.state, {"iterator": self.train_iter.get_state(), "wall_time_s": wall})
+        data_state = {"iterator": self.train_iter.get_state(), "wall_time_s": wall}
+        if self.init_from_step is not None:  # which source checkpoint the run started from, kept across resumes
+            data_state["init_from_step"] = self.init_from_step
+        self.checkpointer.save(step, self.state, data_state)
 
     # ------------------------------------------------------------------ the end
     def _finish(self) -> dict[str, Any]:
@@ -294,6 +310,8 @@ class Trainer:
             "wall_time_s": wall_time,
             "corpus_fingerprint": self.data.fingerprint,
             "data_skipped": self.data.stats["skipped"],
+            **({"data_overlong": self.data.stats["overlong"]} if "overlong" in self.data.stats else {}),
+            **({"init_from": self.cfg.train.init_from, "init_from_step": self.init_from_step} if self.cfg.train.init_from else {}),
             "model_flops_per_token": self.model_flops_per_token,
             "tokenizer": str(self.data.tokenizer.path),
             "lmjax_version": lmjax.__version__,

@@ -68,14 +68,27 @@ class StateFactory:
         params = init_params(self.cfg, self.model, rng)
         return params, self.task.init_frozen(jax.random.fold_in(rng, 1), params)
 
-    def _init(self, rng: jax.Array) -> TrainState:
-        params, frozen = nn.unbox(self._init_boxed(rng))
+    def _init(self, rng: jax.Array, params: Any = None) -> TrainState:
+        """A fresh state; with `params` (unboxed, e.g. read by `train.init_from`) in place of new ones,
+        and the task's frozen state made from them."""
+        if params is None:
+            boxed_params, boxed_frozen = self._init_boxed(rng)
+        else:
+            boxes = abstract_params(self.cfg, self.model)
+            boxed_params = jax.tree.map(
+                lambda box, value: box.replace_boxed(value) if isinstance(box, nn.LogicallyPartitioned) else value,
+                boxes, params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+            )
+            boxed_frozen = self.task.init_frozen(jax.random.fold_in(rng, 1), boxed_params)
+        params, frozen = nn.unbox((boxed_params, boxed_frozen))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), frozen=frozen)
 
-    def create(self, seed: int) -> TrainState:
-        """Parameters are created already sharded: no device ever holds a full copy."""
-        init = jax.jit(self._init, out_shardings=self.shardings)
-        return init(jax.random.key(seed))
+    def create(self, seed: int, params: Any = None) -> TrainState:
+        """Parameters are created already sharded: no device ever holds a full copy. `params`
+        (sharded like the state's) start the run instead of freshly initialised ones; the
+        optimizer and step start fresh."""
+        init = jax.jit(self._init, out_shardings=self.shardings, donate_argnums=1)  # the given params are not kept twice
+        return init(jax.random.key(seed), params)
 
     def abstract(self) -> TrainState:
         shapes = jax.eval_shape(self._init, jax.random.key(0))
