@@ -61,3 +61,31 @@ def tiny_overrides(data_cache) -> list[str]:
         "logging.wandb=off",
         "logging.progress=false",
     ]
+
+
+@pytest.fixture(scope="session")
+def check_host_independent_and_resumable():
+    """A check for any task's data: the global batches of 1 host equal 2 hosts' slices side by side,
+    and an iterator restored from a saved state gives the same next batches. Returns that state."""
+    import numpy as np
+
+    def check(data, batches: int = 3) -> dict:
+        one = data.train_iterator(0, 1)
+        halves = [data.train_iterator(h, 2) for h in range(2)]
+        for _ in range(batches):
+            batch, parts = next(one), [next(it) for it in halves]
+            for key in batch:
+                np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), batch[key])
+        state = one.get_state()
+        expected = [next(one) for _ in range(2)]
+        resumed = data.train_iterator(0, 1)
+        resumed.set_state(state)
+        for batch in expected:
+            got = next(resumed)
+            for key in batch:
+                np.testing.assert_array_equal(got[key], batch[key])
+        for it in (one, resumed, *halves):
+            it.close()
+        return state
+
+    return check
