@@ -21,3 +21,5 @@ for layers in 4 32; do
 done
 # The encoder-only masked LM (experiments/mlm_cpu), beside dense_tiny above.
 "$lmjax" bench configs/bert_tiny.yaml logging.wandb=off --steps 20 --out "$out/bert_tiny_cpu.json"
+# The encoder-decoder (experiments/t5_cpu): 128 encoder + 29 decoder tokens per row.
+"$lmjax" bench configs/t5_tiny.yaml logging.wandb=off --steps 20 --out "$out/t5_tiny_cpu.json"
