@@ -129,7 +129,13 @@ def cmd_fit(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmjax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lmjax",
+        description="Train, evaluate and sample language models (decoders, MoE, BERT-style encoders, T5), "
+        "and run Chinchilla-style scaling sweeps. A run is a YAML config plus key.path=value overrides; "
+        "rerunning a command resumes it.",
+        epilog="Example: lmjax train configs/dense_tiny.yaml train.steps=200 && lmjax generate runs/dense_tiny --prompt 'def '",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_command(name: str, help: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import subprocess
 import sys
@@ -187,3 +188,11 @@ def test_dense_125m_has_the_size_its_comment_states():
     total, _ = llama_params_by_hand(50304, 768, 12, 12, 12, model.d_ff, model.tie_embeddings)
     assert flops.param_counts(model)["total"] == total
     assert abs(total / 124e6 - 1) < 0.005
+
+
+def test_eval_prints_its_result_and_no_library_notices(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    assert cli.main(["train", "configs/dense_tiny.yaml", *tiny_overrides, f"run_dir={run}", "train.steps=2"]) == 0
+    result = subprocess.run([sys.executable, "-m", "lmjax.cli", "eval", str(run)], capture_output=True, text=True, check=True)
+    assert list(json.loads(result.stdout)) == ["eval_loss", "eval_ppl", "eval_bpb", "eval_tokens", "step"]
+    assert "read only" not in result.stderr and "read_only" not in result.stderr, result.stderr

@@ -8,6 +8,7 @@ previous checkpoint intact.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,18 @@ import jax
 import orbax.checkpoint as ocp
 
 from lmjax.errors import CheckpointError
+
+
+class _ReadOnlyNotices(logging.Filter):
+    """Drops orbax's notices that a read-only manager is read-only (three per `lmjax eval` or
+    `generate`, which asked for exactly that); every other orbax message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("read_only=True" in message or message.startswith("Given directory is read only"))
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotices())
 
 
 class Checkpointer:
