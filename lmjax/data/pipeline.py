@@ -273,12 +273,14 @@ def build_data(cfg: Config, layout: Callable[[Tokenizer], RowLayout] | None = No
     seq_len = cfg.data.seq_len
     row_layout = layout(tokenizer) if layout is not None else CausalRows()
     train_rows = row_layout.num_rows(train, seq_len)
+    # Tokens the trainer counts per row include an encoder-decoder layout's decoder tokens.
+    decoder_len = row_layout.decoder_len(seq_len) if hasattr(row_layout, "decoder_len") else 0
     stats = {
         "documents": {"train": len(train_docs), "val": len(val_docs)},
         "skipped": dict(corpus.skipped),
         "tokens": {"train": train.num_tokens, "val": validation.num_tokens},
         "rows": {"train": train_rows, "val": row_layout.num_rows(validation, seq_len)},
-        "train_tokens_per_epoch": train_rows * seq_len,
+        "train_tokens_per_epoch": train_rows * (seq_len + decoder_len),
         "batches_per_epoch": train_rows / cfg.data.global_batch_size,
     }
     return Data(
