@@ -30,6 +30,12 @@ class _ReadOnlyNotices(logging.Filter):
 logging.getLogger("absl").addFilter(_ReadOnlyNotices())
 
 
+def _first_line(error: Exception) -> str:
+    """The first line of an orbax error (they run to pages of tree diffs), for a one-line message."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int, async_save: bool = True, read_only: bool = False):
         """`read_only` for readers (eval, generate): they never create, clean up or delete anything,
@@ -62,10 +68,9 @@ class Checkpointer:
                 args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
             )
         except (ValueError, KeyError, FileNotFoundError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} does not match this config's model/optimizer "
-                f"({first_line[:200]}); use a new run_dir or the config the run was started with"
+                f"({_first_line(e)}); use a new run_dir or the config the run was started with"
             ) from None
         return restored["state"], restored["data"]
 
@@ -81,9 +86,8 @@ class Checkpointer:
                 args=ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True),
             )
         except (ValueError, KeyError, FileNotFoundError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
-                f"checkpoint {self.directory / str(step)}: its parameters do not match this model ({first_line[:200]})"
+                f"checkpoint {self.directory / str(step)}: its parameters do not match this model ({_first_line(e)})"
             ) from None
         return restored["params"]
 
