@@ -109,6 +109,17 @@ def cmd_sft_from_corpus(args) -> int:
     return 0
 
 
+def cmd_preferences(args) -> int:
+    from lmjax.preferences import preferences_command
+
+    preferences_command(
+        Path(args.run_dir), Path(args.prompts), args.reward, Path(args.out), samples=args.samples, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, max_prompts=args.max_prompts, seed=args.seed, min_margin=args.min_margin,
+        prompt_key=args.prompt_key, force=args.force,
+    )
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from lmjax.scaling.sweep import sweep_command
 
@@ -184,6 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-fraction", type=float, default=0.05, help="fraction of files (by path hash) in validation")
     d.add_argument("--force", action="store_true", help="overwrite existing output files")
     d.set_defaults(func=cmd_sft_from_corpus)
+    d = data.add_parser("preferences", help="DPO pairs: sample completions from a run, rank them with a programmatic reward")
+    d.add_argument("run_dir", help="a decoder run (a chat run, objective sft or dpo, is prompted through its chat template)")
+    d.add_argument("--prompts", required=True, help="JSONL records with a prompt field (e.g. from sft-from-corpus)")
+    d.add_argument("--reward", required=True, help="a registered reward (lmjax/rewards.py), e.g. python_syntax")
+    d.add_argument("--out", required=True, help="JSONL of {prompt, chosen, rejected} records")
+    d.add_argument("--samples", type=int, default=4, help="completions per prompt; the best and the worst make the pair")
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    d.add_argument("--min-margin", type=float, default=0.0, help="keep pairs whose rewards differ by more than this")
+    d.add_argument("--prompt-key", default="prompt")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    d.set_defaults(func=cmd_preferences)
 
     p = sub.add_parser("sweep", help="plan and run a Chinchilla-style IsoFLOP sweep, then fit and plot it")
     p.add_argument("sweep", help="sweep YAML (configs/sweeps/)")

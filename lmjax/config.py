@@ -169,8 +169,9 @@ class TokenizerConfig:
     # (vocab = model.vocab_size) and cached by corpus fingerprint and settings.
     path: str | None = None
     model_type: str = choices("bpe", "unigram", default="bpe")
-    # Reserved for later objectives (MLM mask, chat turns); ids follow pad/unk/bos/eos.
-    special_tokens: tuple[str, ...] = ("<mask>", "<sep>", "<cls>")
+    # Reserved pieces, ids after pad/unk/bos/eos: the MLM mask and separators, then the chat role
+    # markers of `chat` (so a pretrained run's tokenizer already holds what SFT and DPO need).
+    special_tokens: tuple[str, ...] = ("<mask>", "<sep>", "<cls>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
     # T5 sentinels <extra_id_0> ... <extra_id_{n-1}>, reserved after special_tokens (span_corruption).
     sentinels: int = 0
     # Training the tokenizer reads at most this many characters of the corpus.
@@ -222,8 +223,9 @@ class TrainConfig:
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2) (PaLM); 0 disables
     # What is trained (lmjax/tasks/): causal_lm (next token, decoder families), mlm (masked
     # tokens, the encoder family), span_corruption (T5's denoising) or seq2seq (input -> target
-    # pairs), both for family t5.
-    objective: str = choices("causal_lm", "mlm", "span_corruption", "seq2seq", default="causal_lm")
+    # pairs), both for family t5; sft (chat examples, loss on the assistant's tokens) and dpo
+    # (preference pairs against a frozen reference), both for decoder families.
+    objective: str = choices("causal_lm", "mlm", "span_corruption", "seq2seq", "sft", "dpo", default="causal_lm")
     # A finished (or interrupted) lmjax run directory: training starts from its latest checkpoint's
     # parameters (fresh optimizer, step 0); its model config and tokenizer are used (lmjax/train/init_from.py).
     init_from: str | None = None
@@ -259,6 +261,50 @@ class Seq2SeqConfig:
     target_len: int = 128
     pack: bool = True  # several pairs per row (segment ids keep them apart); false: one pair per row
     overlong: str = choices("truncate", "drop", default="truncate")  # pairs longer than a row
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """The chat template of SFT, DPO and chat prompts (lmjax/data/chat.py): every message is its
+    role's marker, its content, then `end_of_turn`. Markers are whole pieces of the tokenizer
+    (data.tokenizer.special_tokens reserves these by default)."""
+
+    system: str = "<|system|>"
+    user: str = "<|user|>"
+    assistant: str = "<|assistant|>"
+    end_of_turn: str = "<|end|>"
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning examples (`train.objective: sft`, lmjax/data/chat.py): JSONL records
+    with `prompt_key` and `response_key` strings, or `messages_key` [{"role", "content"}, ...]."""
+
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    messages_key: str = "messages"
+    pack: bool = True  # several examples per row (segment ids keep them apart); false: one per row
+    overlong: str = choices("truncate", "drop", default="truncate")  # examples longer than a row
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimisation (`train.objective: dpo`, lmjax/tasks/dpo.py)."""
+
+    beta: float = 0.1  # strength of the implicit KL penalty to the reference
+    # sigmoid: Rafailov et al. 2023; ipo: Azar et al. 2023; conservative: sigmoid with labels
+    # flipped with probability `label_smoothing` (Mitchell 2023, cDPO).
+    loss: str = choices("sigmoid", "ipo", "conservative", default="sigmoid")
+    label_smoothing: float = 0.1  # conservative only
+    # model: the initial policy kept as frozen parameters, sharded like the policy; precomputed:
+    # its log-probabilities of every pair computed once before step 1 and saved in the run
+    # directory (half the parameter memory, no second forward pass per step).
+    reference: str = choices("model", "precomputed", default="model")
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    pack: bool = True
+    overlong: str = choices("truncate", "drop", default="truncate")
 
 
 @dataclass(frozen=True)
@@ -304,6 +350,9 @@ class Config:
     mlm: MLMConfig = field(default_factory=MLMConfig)  # read when train.objective is mlm
     span_corruption: SpanCorruptionConfig = field(default_factory=SpanCorruptionConfig)
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)  # read by sft, dpo and chat prompts
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

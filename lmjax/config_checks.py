@@ -45,7 +45,9 @@ def validate(cfg: Config) -> None:
         if m.type_vocab_size:
             raise ConfigError(f"model.type_vocab_size needs model.family=encoder, got family {m.family}")
     _validate_t5(cfg)
-    objective_families = {"causal_lm": ("dense", "moe"), "mlm": ("encoder",), "span_corruption": ("t5",), "seq2seq": ("t5",)}
+    _validate_post_training(cfg)
+    objective_families = {"causal_lm": ("dense", "moe"), "mlm": ("encoder",), "span_corruption": ("t5",), "seq2seq": ("t5",),
+                          "sft": ("dense", "moe"), "dpo": ("dense", "moe")}
     if m.family not in objective_families[t.objective]:
         raise ConfigError(
             f"train.objective={t.objective} needs model.family {' or '.join(objective_families[t.objective])}, got {m.family}"
@@ -164,3 +166,29 @@ def _validate_t5(cfg: Config) -> None:
         _positive(cfg.seq2seq.target_len, "seq2seq.target_len")
         if cfg.seq2seq.input_key == cfg.seq2seq.target_key:
             raise ConfigError(f"seq2seq.input_key and seq2seq.target_key must differ, both are {cfg.seq2seq.input_key!r}")
+
+
+def _distinct(values: dict[str, str], what: str) -> None:
+    for key, value in values.items():
+        if not value:
+            raise ConfigError(f"{key} must be a non-empty string ({what})")
+    seen: dict[str, str] = {}
+    for key, value in values.items():
+        if value in seen:
+            raise ConfigError(f"{seen[value]} and {key} must differ ({what}), both are {value!r}")
+        seen[value] = key
+
+
+def _validate_post_training(cfg: Config) -> None:
+    """The chat template and the sft / dpo sections."""
+    _distinct({f"chat.{k}": getattr(cfg.chat, k) for k in ("system", "user", "assistant", "end_of_turn")}, "chat role markers")
+    if cfg.train.objective == "sft":
+        _distinct({f"sft.{k}": getattr(cfg.sft, k) for k in ("prompt_key", "response_key", "messages_key")}, "record keys")
+    if cfg.train.objective == "dpo":
+        p = cfg.dpo
+        _distinct({f"dpo.{k}": getattr(p, k) for k in ("prompt_key", "chosen_key", "rejected_key")}, "record keys")
+        _positive(p.beta, "dpo.beta")
+        if p.loss == "conservative" and not 0.0 < p.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in (0, 0.5) with dpo.loss=conservative, got {p.label_smoothing}")
+        if cfg.train.z_loss:
+            raise ConfigError("train.z_loss is a language-modelling regulariser; train.objective=dpo does not apply it: set it to 0")

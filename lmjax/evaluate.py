@@ -78,6 +78,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), bat
     setup = run.setup
     # The run's own tokenizer: evaluating with another one would make the loss meaningless.
     data = setup.task.build_data(replace(run.cfg, **{"data.tokenizer.path": str(run_dir / "tokenizer.model")}))
+    setup.task.prepare(data, setup, run.params, run_dir, fresh=False)
     n = batches or run.cfg.train.eval_batches
     eval_batches = [setup.global_batch(b) for b in data.eval_batches(n, jax.process_index(), jax.process_count())]
     with sharding.activate(setup.mesh, setup.rules):

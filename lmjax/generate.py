@@ -2,9 +2,11 @@
 
 `generate` prefills the cache with the whole prompt in one call, then decodes one token per step
 inside a single jitted `lax.while_loop`, so the prefix is never recomputed and the loop stops as
-soon as every row has emitted `eos_id`. All prompts of a batch have the same length (the prompt
-is a [batch, prompt_len] array): the model attends to every prompt token, so there is no left
-padding; batch prompts of different lengths by length, or generate them one at a time.
+soon as every row has emitted `eos_id`. The prompt is a [batch, prompt_len] array; prompts of
+different lengths share one batch (and one compilation) left-padded, with `prompt_lengths`: pad
+tokens get segment id 0, which no other token attends to, and each row's real tokens positions
+0, 1, ..., so every row generates what it would alone (up to float reordering; with MoE only
+under dropless dispatch, as capacity dispatch lets pad tokens take expert slots in the prefill).
 An encoder-decoder runs its encoder on the prompt once; its decoder starts from the decoder start
 token, caching the encoder output's cross-attention keys/values at its first call.
 """
@@ -71,7 +73,8 @@ def sample_logits(
 def _decode_loop(step_model, cache, prefix_BP: jax.Array, rng: jax.Array, max_new_tokens: int, sample, eos_id: int | None) -> jax.Array:
     """Prefills `cache` with the prefix in one call, then decodes one token per step in a
     `lax.while_loop` until `max_new_tokens` are written or every row has emitted eos.
-    `step_model(cache, tokens_BT, first_position, prefill)` -> (last logits [B, V], cache)."""
+    `step_model(cache, tokens_BT, first_column, prefill)` -> (last logits [B, V], cache), with
+    `first_column` the column of tokens_BT[:, 0] in the output."""
     batch, prefix_len = prefix_BP.shape
     total_len = prefix_len + max_new_tokens
     fill = 0 if eos_id is None else eos_id
@@ -104,20 +107,29 @@ def _decode_loop(step_model, cache, prefix_BP: jax.Array, rng: jax.Array, max_ne
     return jax.lax.while_loop(keep_going, decode_one, state)[2]
 
 
-def _positions(tokens_BT: jax.Array, first_position) -> jax.Array:
-    return jnp.broadcast_to(first_position + jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+def _positions_and_segments(tokens_BT: jax.Array, first_column, pad_B: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """Positions and segment ids [B, T] of the columns first_column, first_column + 1, ... Row b's
+    first pad_B[b] columns are left padding (segment 0, position clipped to 0); its real tokens are
+    segment 1 at positions column - pad_B[b], as if the row were alone. Without padding (pad_B
+    None) positions are the columns and segment ids None (the model's one-sequence default)."""
+    columns_BT = jnp.broadcast_to(first_column + jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    if pad_B is None:
+        return columns_BT, None
+    return jnp.maximum(columns_BT - pad_B[:, None], 0), (columns_BT >= pad_B[:, None]).astype(jnp.int32)
 
 
 _STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate(model, params, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p, eos_id) -> jax.Array:
-    """Decoder LM: the prompt is the prefix the cache is prefilled with."""
+def _generate(model, params, prompt_BP, pad_B, rng, max_new_tokens, temperature, top_k, top_p, eos_id) -> jax.Array:
+    """Decoder LM: the prompt is the prefix the cache is prefilled with; `pad_B` (or None) the
+    number of left pad columns of each row, a traced array, so one compilation serves any mix."""
 
-    def step_model(cache, tokens_BT, first_position, prefill):
+    def step_model(cache, tokens_BT, first_column, prefill):
+        positions_BT, segment_ids_BT = _positions_and_segments(tokens_BT, first_column, pad_B)
         logits_BTV, variables = model.apply(
-            {"params": params, "cache": cache}, tokens_BT, _positions(tokens_BT, first_position), decode=True, mutable=["cache"]
+            {"params": params, "cache": cache}, tokens_BT, positions_BT, segment_ids_BT, decode=True, mutable=["cache"]
         )
         return logits_BTV[:, -1], variables["cache"]
 
@@ -128,15 +140,18 @@ def _generate(model, params, prompt_BP, rng, max_new_tokens, temperature, top_k,
 
 
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "start_id"))
-def _generate_seq2seq(model, params, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p, eos_id, start_id) -> jax.Array:
+def _generate_seq2seq(model, params, prompt_BP, pad_B, rng, max_new_tokens, temperature, top_k, top_p, eos_id, start_id) -> jax.Array:
     """Encoder-decoder: the encoder reads the prompt once; the decoder starts from `start_id`, its
-    first call caches the encoder output's cross-attention keys/values, later calls read them."""
-    encoded_BSD = model.apply({"params": params}, prompt_BP, method=model.encode)
+    first call caches the encoder output's cross-attention keys/values, later calls read them.
+    Left padding of the prompt is encoder segment 0, which neither encoder nor decoder attends to."""
+    encoder_positions_BP, encoder_segment_ids_BP = _positions_and_segments(prompt_BP, 0, pad_B)
+    encoded_BSD = model.apply({"params": params}, prompt_BP, encoder_positions_BP, encoder_segment_ids_BP, method=model.encode)
 
-    def step_model(cache, tokens_BT, first_position, prefill):
+    def step_model(cache, tokens_BT, first_column, prefill):
         logits_BTV, variables = model.apply(
-            {"params": params, "cache": cache}, tokens_BT, encoded_BSD if prefill else None,
-            positions=_positions(tokens_BT, first_position), decode=True, mutable=["cache"], method=model.decode,
+            {"params": params, "cache": cache}, tokens_BT, encoded_BSD if prefill else None, encoder_segment_ids_BP,
+            positions=_positions_and_segments(tokens_BT, first_column, None)[0], decode=True, mutable=["cache"],
+            method=model.decode,
         )
         return logits_BTV[:, -1], variables["cache"]
 
@@ -145,6 +160,18 @@ def _generate_seq2seq(model, params, prompt_BP, rng, max_new_tokens, temperature
     cache = init_seq2seq_cache(model, batch, 1 + max_new_tokens, prompt_len)
     start_B1 = jnp.full((batch, 1), start_id, prompt_BP.dtype)
     return _decode_loop(step_model, cache, start_B1, rng, max_new_tokens, sample, eos_id)
+
+
+def _left_padding(prompt_lengths, batch: int, prompt_len: int) -> jax.Array:
+    """Pad columns per row [batch] (int32) from `prompt_lengths`, checked."""
+    lengths_B = np.asarray(prompt_lengths)
+    if lengths_B.shape != (batch,) or not np.issubdtype(lengths_B.dtype, np.integer):
+        raise GenerateError(f"prompt_lengths: expected an integer array of shape ({batch},), got {lengths_B.dtype} {lengths_B.shape}")
+    if batch and not 1 <= lengths_B.min() <= lengths_B.max() <= prompt_len:
+        raise GenerateError(
+            f"prompt_lengths: expected lengths in [1, {prompt_len}] (prompt_len), got min {lengths_B.min()}, max {lengths_B.max()}"
+        )
+    return jnp.asarray(prompt_len - lengths_B, jnp.int32)
 
 
 def generate(
@@ -158,14 +185,18 @@ def generate(
     top_p: float = 1.0,
     eos_id: int | None = None,
     decoder_start_id: int = 0,
+    prompt_lengths=None,
 ) -> np.ndarray:
     """Continues each prompt row by `max_new_tokens` tokens; returns [batch, prompt_len + max_new_tokens].
 
     `model` is built by `lmjax.models.build_model`, `params` its 'params' collection (boxed or
-    not), `prompt_tokens` an integer array [batch, prompt_len] with prompt_len >= 1 (all rows the
-    same length). After a row emits `eos_id`, the rest of that row is `eos_id`. An encoder-decoder
-    (T5) reads the prompt with its encoder and returns the decoder's tokens instead,
-    [batch, 1 + max_new_tokens], starting with `decoder_start_id` (T5: pad, 0).
+    not), `prompt_tokens` an integer array [batch, prompt_len] with prompt_len >= 1. Without
+    `prompt_lengths` every row is a whole prompt; with it (integers [batch] in [1, prompt_len]) the
+    prompts are left-padded: row b's prompt is its last prompt_lengths[b] columns (the pad columns
+    may hold any id) and the row continues as that prompt alone would. After a row emits `eos_id`,
+    the rest of that row is `eos_id`. An encoder-decoder (T5) reads the prompt with its encoder and
+    returns the decoder's tokens instead, [batch, 1 + max_new_tokens], starting with
+    `decoder_start_id` (T5: pad, 0).
     """
     _check_sampling(temperature, top_k, top_p)
     prompt_BP = jnp.asarray(prompt_tokens)
@@ -180,7 +211,9 @@ def generate(
     for name, token_id in (("eos_id", eos_id), ("decoder_start_id", decoder_start_id)):
         if token_id is not None and not 0 <= token_id < cfg.vocab_size:
             raise GenerateError(f"{name}: expected a token id in [0, {cfg.vocab_size}), got {token_id}")
-    args = (model, nn.unbox(params), prompt_BP.astype(jnp.int32), rng, max_new_tokens, float(temperature), int(top_k), float(top_p), eos_id)
+    pad_B = None if prompt_lengths is None else _left_padding(prompt_lengths, *prompt_BP.shape)
+    args = (model, nn.unbox(params), prompt_BP.astype(jnp.int32), pad_B, rng, max_new_tokens)
+    args += (float(temperature), int(top_k), float(top_p), eos_id)
     if model_family(cfg).encoder_decoder:
         return np.asarray(_generate_seq2seq(*args, start_id=decoder_start_id))
     return np.asarray(_generate(*args))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lmjax import cli
-from lmjax.config import Config, load_config, replace
+from lmjax.config import load_yaml, Config, load_config, replace
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,14 @@ def config_shape(model) -> dict:
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in pathlib.Path("configs").glob("*.yaml")))
 def test_shipped_configs_load(path):
-    cfg = load_config(path)
+    source = (load_yaml(path).get("train") or {}).get("init_from")
+    if source:
+        # A run started from another (sft_tiny from dense_tiny, dpo_tiny from sft_tiny) names the
+        # run_dir of a shipped config, and loads once that run exists; here it is left out.
+        assert source in {load_yaml(p).get("run_dir") for p in pathlib.Path("configs").glob("*.yaml")}, source
+        cfg = load_config(path, ["train.init_from=null"])
+    else:
+        cfg = load_config(path)
     assert isinstance(cfg, Config) and cfg.model.vocab_size > 0
     name = pathlib.Path(path).name
     if name not in PUBLISHED_MODELS:

@@ -1,5 +1,6 @@
 """KV-cache decoding and sampling: cached logits equal the full forward pass, cached greedy
-generation equals greedy decoding by full recomputation, and top-k / top-p never leave their set."""
+generation equals greedy decoding by full recomputation, left-padded batches of prompts of
+different lengths equal each prompt alone, and top-k / top-p never leave their set."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.config import ModelConfig
+from lmjax.config import ModelConfig, MoEConfig, load_config
+from lmjax import generate as generate_module
 from lmjax.generate import GenerateError, generate, sample_logits
 from lmjax.models import build_model, init_cache
 
@@ -112,3 +114,101 @@ def test_bad_settings_raise():
         generate(model, params, prompts(length=5), 4, jax.random.key(0))
     with pytest.raises(GenerateError, match="prompt_tokens"):
         generate(model, params, np.zeros((3,), np.int32), 2, jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------- left-padded batches
+
+LENGTHS = (3, 7, 5)
+PADDED_CONFIGS = {**CONFIGS, "moe": dict(family="moe", moe=MoEConfig(n_experts=4, top_k=2, d_ff_expert=16))}
+
+
+def left_padded(lengths=LENGTHS, seed=2):
+    """(the prompts alone, the batch [len(lengths), max(lengths)] left-padded with random ids)."""
+    rng = np.random.default_rng(seed)
+    alone = [rng.integers(0, VOCAB, (1, n)).astype(np.int32) for n in lengths]
+    padded = rng.integers(0, VOCAB, (len(lengths), max(lengths))).astype(np.int32)  # pads hold any id
+    for row, prompt in zip(padded, alone):
+        row[row.size - prompt.shape[1] :] = prompt[0]
+    return alone, padded
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "llama-mqa-loop", "moe"])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(name):
+    model, params = setup_model(**PADDED_CONFIGS[name])
+    alone, padded = left_padded()
+    got = generate(model, params, padded, 6, jax.random.key(0), prompt_lengths=LENGTHS)
+    assert got.shape == (3, 7 + 6)
+    np.testing.assert_array_equal(got[:, :7], padded)
+    for row, prompt in zip(got, alone):
+        want = generate(model, params, prompt, 6, jax.random.key(0))[0]
+        np.testing.assert_array_equal(row[7 - prompt.shape[1] :], want)
+    assert len(np.unique(got[:, 7:])) > 3, "degenerate continuation: the comparison would be weak"
+
+
+def test_other_prompt_lengths_reuse_the_compiled_loop():
+    model, params = setup_model(**CONFIGS["llama"])
+    _, padded = left_padded()
+    generate(model, params, padded, 4, jax.random.key(0), prompt_lengths=LENGTHS)
+    compiled = generate_module._generate._cache_size()
+    generate(model, params, padded, 4, jax.random.key(0), prompt_lengths=[7, 1, 2])
+    assert generate_module._generate._cache_size() == compiled
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_padded_row_logits_equal_the_row_alone(name):
+    """Prefill and the first decoding step of a left-padded row, against the row alone: pad keys are
+    never attended to, and pad queries (which see only themselves) stay finite."""
+    model, params = setup_model(**CONFIGS[name])
+    alone, padded = left_padded(lengths=(7, 4))
+    pad = 7 - alone[1].shape[1]
+    columns = np.arange(7)
+    positions = np.maximum(columns - np.array([[0], [pad]]), 0)
+    segment_ids = (columns >= np.array([[0], [pad]])).astype(np.int32)
+    next_tokens = np.array([[5], [9]], np.int32)
+
+    @jax.jit
+    def prefill_and_step(tokens, cache, positions=None, segment_ids=None):
+        prefill, variables = model.apply(
+            {"params": params, "cache": cache}, tokens, positions, segment_ids, decode=True, mutable=["cache"]
+        )
+        step_positions = None if positions is None else positions[:, -1:] + 1
+        step_tokens = next_tokens[-tokens.shape[0] :]
+        step, _ = model.apply({"params": params, **variables}, step_tokens, step_positions, decode=True, mutable=["cache"])
+        return prefill, step
+
+    prefill, step = map(np.asarray, prefill_and_step(padded, init_cache(model, 2, 8), positions, segment_ids))
+    prefill_alone, step_alone = map(np.asarray, prefill_and_step(alone[1], init_cache(model, 1, 5)))
+    assert np.isfinite(prefill).all()
+    np.testing.assert_allclose(prefill[1, pad:], prefill_alone[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(step[1], step_alone[0], atol=1e-5, rtol=0)
+    # The unpadded row 0 is unchanged by its neighbour's padding.
+    np.testing.assert_allclose(prefill[0], model.apply({"params": params}, padded[:1])[0], atol=1e-5, rtol=0)
+
+
+def test_left_padded_encoder_decoder_equals_each_prompt_alone():
+    cfg = load_config(None, [
+        "model.family=t5", "model.style=t5", f"model.vocab_size={VOCAB}", "model.d_model=32", "model.n_layers=2",
+        "model.n_heads=4", "model.d_ff=64", "model.tie_embeddings=false", "train.objective=span_corruption",
+        "data.tokenizer.sentinels=10",
+    ]).model
+    model = build_model(cfg)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), tokens, tokens)["params"])
+    alone, padded = left_padded()
+    got = generate(model, params, padded, 6, jax.random.key(0), prompt_lengths=LENGTHS)
+    assert got.shape == (3, 1 + 6)
+    for row, prompt in zip(got, alone):
+        np.testing.assert_array_equal(row, generate(model, params, prompt, 6, jax.random.key(0))[0])
+    assert len(np.unique(got[:, 1:])) > 3, "degenerate continuation: the comparison would be weak"
+
+
+@pytest.mark.parametrize(
+    "lengths, match",
+    [([3, 7], r"shape \(3,\)"), ([[3, 7, 5]], r"shape \(3,\)"), ([3.0, 7.0, 5.0], "integer"), ([0, 7, 5], "got min 0"),
+     ([3, 8, 5], "max 8")],
+)
+def test_bad_prompt_lengths_raise(lengths, match):
+    model, params = setup_model(**CONFIGS["llama"])
+    _, padded = left_padded()
+    with pytest.raises(GenerateError, match=f"prompt_lengths: .*{match}"):
+        generate(model, params, padded, 2, jax.random.key(0), prompt_lengths=lengths)

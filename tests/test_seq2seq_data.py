@@ -64,7 +64,7 @@ def test_packing_hand_checked():
 
     dropped = make_split(HAND_PAIRS, 6, 4, overlong="drop")
     assert (dropped.packing.truncated, dropped.packing.dropped) == (0, 2)
-    assert [dropped.packing.pair_index[a:b].tolist() for a, b in zip(dropped.packing.row_offsets, dropped.packing.row_offsets[1:])] == [
+    assert [dropped.packing.example_index[a:b].tolist() for a, b in zip(dropped.packing.row_offsets, dropped.packing.row_offsets[1:])] == [
         [0, 1], [2, 5], [6]
     ]
     single = make_split(HAND_PAIRS, 6, 4, pack=False)

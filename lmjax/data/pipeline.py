@@ -131,7 +131,7 @@ def pack_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> PackedSplit:
     return PackedSplit(tokens=tokens, doc_offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
 
 
-def _host_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
+def host_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
     if not 0 <= process_index < process_count:
         raise DataError(f"process_index {process_index} is not in [0, {process_count})")
     if global_batch_size % process_count:
@@ -200,7 +200,7 @@ class Data:
 
     def train_iterator(self, process_index: int = 0, process_count: int = 1) -> TrainIterator:
         """Endless host-local batches [global_batch_size / process_count, seq_len] in a seeded order."""
-        rows = _host_slice(self.global_batch_size, process_index, process_count)
+        rows = host_slice(self.global_batch_size, process_index, process_count)
         batches = self._train_rows.batch(self.global_batch_size, drop_remainder=True).map_with_index(
             lambda index, global_rows: self.layout.batch(
                 self.train, global_rows, rows, self.seq_len, self.tokenizer.pad_id, (TRAIN_STREAM, index)
@@ -225,7 +225,7 @@ class Data:
                 f"corpus {self.fingerprint}: the validation split is empty; raise data.val_fraction "
                 f"({self.stats['documents']['val']} of {sum(self.stats['documents'].values())} documents are in it)"
             )
-        rows = _host_slice(self.global_batch_size, process_index, process_count)
+        rows = host_slice(self.global_batch_size, process_index, process_count)
         batches = []
         for i in range(n):
             global_rows = np.arange(i * self.global_batch_size, (i + 1) * self.global_batch_size) % n_rows

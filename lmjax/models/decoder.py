@@ -21,7 +21,10 @@ scales 1, biases 0.
 
 Decoding: `decode=True` reads and writes the 'cache' collection made by `init_cache`, so a call
 with the prompt followed by one call per new token reproduces the full forward pass. Positions
-default to the number of tokens already cached + arange(T).
+default to the number of tokens already cached + arange(T). While decoding a row holds one
+sequence, and segment_ids (default all real) mark left padding: 0 = a pad token, whose key no
+later token attends to, so prompts of different lengths share a batch, left-padded, each row
+giving its real tokens positions 0, 1, ... (generate.py); any other id is a real token.
 """
 
 from __future__ import annotations
@@ -141,8 +144,6 @@ class DecoderLM(LanguageModel):
         for name, array in (("positions", positions_BT), ("segment_ids", segment_ids_BT)):
             if array is not None and array.shape != tokens_BT.shape:
                 raise ModelInputError(f"{name}: expected shape {tokens_BT.shape} (as tokens), got {array.shape}")
-        if decode and segment_ids_BT is not None:
-            raise ModelInputError("segment_ids: must be None with decode=True (one sequence per row while decoding)")
         if not cfg.use_rope and not decode and tokens_BT.shape[1] > cfg.max_seq_len:
             raise ModelInputError(f"tokens: length {tokens_BT.shape[1]} exceeds model.max_seq_len ({cfg.max_seq_len})")
 
@@ -161,9 +162,9 @@ def moe_aux_loss(intermediates: dict, config: ModelConfig) -> tuple[jax.Array, d
 def init_cache(model: DecoderLM, batch_size: int, max_length: int) -> dict:
     """Zeroed 'cache' collection for decoding up to `max_length` tokens per row (prompt included).
 
-    Per layer: cached_key/cached_value [batch, max_length, kv_heads, head_dim] in the compute dtype
-    and cache_index (stacked on a leading layer axis with scan_layers). Built from shapes only:
-    no parameters are materialised.
+    Per layer: cached_key/cached_value [batch, max_length, kv_heads, head_dim] in the compute dtype,
+    cached_valid [batch, max_length] (False: padding or not written yet) and cache_index (stacked on
+    a leading layer axis with scan_layers). Built from shapes only: no parameters are materialised.
     """
     tokens = jnp.zeros((batch_size, max_length), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))["cache"]

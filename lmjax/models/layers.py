@@ -200,11 +200,12 @@ class Attention(nn.Module):
     head_dim a multiple of 8 (<= 256 on Hopper, 128 before) and, with that bias, an even length.
 
     Decode (`decode=True`): keys and values are written into the 'cache' collection
-    (cached_key/cached_value [B, S_max, K, H], cache_index = tokens already cached) and the query
-    chunk attends to every cached key up to its own index (segment_ids must be None: one sequence
-    per row; the caller keeps start + chunk length <= S_max). Any chunk length works, so one call
-    prefills the prompt and later calls append one token each. Decode always uses the XLA kernel:
-    its mask is not the square causal one cuDNN's `is_causal` assumes.
+    (cached_key/cached_value [B, S_max, K, H], cached_valid [B, S_max], cache_index = tokens already
+    cached); the query chunk attends to every valid cached key up to its own index (the caller keeps
+    start + chunk length <= S_max). One sequence per row: segment id 0 is left padding, never attended
+    to (a pad query sees only itself, so its unused output stays finite); other ids (or None) are real
+    tokens. Any chunk length works: one call prefills the prompt, later calls append one token each.
+    Decode always uses the XLA kernel: its mask is not the square causal one cuDNN's `is_causal` assumes.
     """
 
     config: ModelConfig
@@ -226,39 +227,36 @@ class Attention(nn.Module):
             k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
 
         if self.decode:
-            k_BSKH, v_BSKH, mask_11TS = self._update_cache(k_BTKH, v_BTKH)
-            out_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_11TS, scale=cfg.attention_scale
-            )
+            k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, segment_ids_BT)
+            out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_B1TS, scale=cfg.attention_scale)
         else:
-            mask_B1TT = None
-            if segment_ids_BT is not None:
-                mask_B1TT = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+            mask_B1TT = None if segment_ids_BT is None else (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
             out_BTNH = jax.nn.dot_product_attention(
                 q_BTNH, k_BTKH, v_BTKH, bias=bias_BNTS, mask=mask_B1TT, scale=cfg.attention_scale,
                 is_causal=self.causal, implementation=attention_kernel(cfg),
             )
         return attention_output(cfg)(out_BTNH)
 
-    def _update_cache(self, k_BTKH: jax.Array, v_BTKH: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        # `model.init(..., decode=True)` with inputs of length S_max only creates the cache; the
-        # cache length is the input length of that call.
+    def _update_cache(self, k_BTKH: jax.Array, v_BTKH: jax.Array, segment_ids_BT: jax.Array | None):
+        # `model.init(..., decode=True)` with inputs of length S_max only creates the cache (of that length).
         initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, k_BTKH.shape, k_BTKH.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, v_BTKH.shape, v_BTKH.dtype)
+        # Whether a slot holds a real token; kept per layer like the keys, so nn.scan stacks it alike.
+        cached_valid = self.variable("cache", "cached_valid", jnp.zeros, k_BTKH.shape[:2], jnp.bool_)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         query_len = k_BTKH.shape[1]
         if not initialized:
-            causal_11TT = jnp.tril(jnp.ones((query_len, query_len), bool))[None, None]
-            return k_BTKH, v_BTKH, causal_11TT
+            return k_BTKH, v_BTKH, jnp.tril(jnp.ones((query_len, query_len), bool))[None, None]
         start = cache_index.value
+        valid_BT = jnp.ones(k_BTKH.shape[:2], bool) if segment_ids_BT is None else segment_ids_BT != 0
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_BTKH.astype(cached_key.value.dtype), (0, start, 0, 0))
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_BTKH.astype(cached_value.value.dtype), (0, start, 0, 0))
+        cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid_BT, (0, start))
         cache_index.value = start + query_len
-        max_len = cached_key.value.shape[1]
-        query_index_T = start + jnp.arange(query_len)
-        visible_11TS = (jnp.arange(max_len)[None, :] <= query_index_T[:, None])[None, None]
-        return cached_key.value, cached_value.value, visible_11TS
+        key_index_1S, query_index_T1 = jnp.arange(cached_key.value.shape[1])[None, :], start + jnp.arange(query_len)[:, None]
+        visible_BTS = ((key_index_1S <= query_index_T1) & cached_valid.value[:, None, :]) | (key_index_1S == query_index_T1)
+        return cached_key.value, cached_value.value, visible_BTS[:, None]
 
 
 class CrossAttention(nn.Module):

@@ -5,10 +5,12 @@ from __future__ import annotations
 from lmjax.config import Config, ConfigError
 from lmjax.tasks.base import Task
 from lmjax.tasks.causal_lm import CausalLMTask
+from lmjax.tasks.dpo import DPOTask
 from lmjax.tasks.mlm import MLMTask
 from lmjax.tasks.seq2seq import EncoderDecoderTask, Seq2SeqTask, SpanCorruptionTask
+from lmjax.tasks.sft import SFTTask
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (CausalLMTask, MLMTask, SpanCorruptionTask, Seq2SeqTask)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (CausalLMTask, MLMTask, SpanCorruptionTask, Seq2SeqTask, SFTTask, DPOTask)}
 
 
 def build_task(cfg: Config) -> Task:
@@ -17,4 +19,7 @@ def build_task(cfg: Config) -> Task:
     return TASKS[cfg.train.objective](cfg)
 
 
-__all__ = ["TASKS", "CausalLMTask", "EncoderDecoderTask", "MLMTask", "Seq2SeqTask", "SpanCorruptionTask", "Task", "build_task"]
+__all__ = [
+    "TASKS", "CausalLMTask", "DPOTask", "EncoderDecoderTask", "MLMTask", "SFTTask", "Seq2SeqTask", "SpanCorruptionTask", "Task",
+    "build_task",
+]

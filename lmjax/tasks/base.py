@@ -12,7 +12,9 @@ A task (chosen by `train.objective`) supplies
   final evaluation as `final_<key>`;
 - optional frozen state (`init_frozen`, e.g. a DPO reference model): created with the parameters,
   carried in the train state, never updated, saved and restored with it; logical axis names on its
-  leaves (`nn.with_logical_partitioning`, or the parameters' own boxes) declare its sharding.
+  leaves (`nn.with_logical_partitioning`, or the parameters' own boxes) declare its sharding;
+- optional `prepare`: data computed once from the initial parameters before the first step and
+  kept in the run directory (e.g. DPO's precomputed reference log-probabilities).
 The trainer, the step, checkpoints and sweeps call these and know nothing else about tasks.
 Parameter and FLOP counts belong to the model family (`lmjax.models.FAMILIES`).
 
@@ -107,6 +109,10 @@ class Task(abc.ABC):
     def init_frozen(self, rng: jax.Array, params: Any) -> Any:
         """Frozen state made from a fresh key and the freshly initialised (boxed) parameters."""
         return {}
+
+    def prepare(self, data: Data, setup: Any, params: Any, run_dir: Any, fresh: bool) -> None:
+        """Called with the run's data and parameters before training (`fresh`: at step 0) and
+        before `lmjax eval`; may attach what it computes to `data`. Default: nothing."""
 
     # ------------------------------------------------------------------ loss and metrics
     @abc.abstractmethod

@@ -136,7 +136,8 @@ class Trainer:
             self.checkpointer.close()
             return finished
         self._load_data()
-        start_step = self._restore_or_init()
+        start_step, iterator_state = self._restore_or_init()
+        self._prepare_task(start_step, iterator_state)
         self._announce(start_step)
         self.logger = MetricsLogger(self.cfg, self.run_dir, start_step, self.steps)
         self.window_step = start_step
@@ -158,13 +159,21 @@ class Trainer:
         self.data = self.setup.task.build_data(cfg)
         if self.is_main and not run_tokenizer.exists():
             shutil.copyfile(self.data.tokenizer.path, run_tokenizer)
-        self.train_iter = self.data.train_iterator(jax.process_index(), jax.process_count())
-        host_eval = self.data.eval_batches(self.cfg.train.eval_batches, jax.process_index(), jax.process_count())
-        self.eval_batches = [self.setup.global_batch(b) for b in host_eval]
         self.eval_constants = eval_constants(self.setup, self.data)
 
-    def _restore_or_init(self) -> int:
-        latest = self.checkpointer.latest_step()
+    def _prepare_task(self, start_step: int, iterator_state: dict | None) -> None:
+        """The task's data computed from the initial parameters (kept in the run), then the batch
+        iterators, whose rows may carry it."""
+        self.setup.task.prepare(self.data, self.setup, self.state.params, self.run_dir, fresh=start_step == 0)
+        self.train_iter = self.data.train_iterator(jax.process_index(), jax.process_count())
+        if iterator_state is not None:
+            self.train_iter.set_state(iterator_state)
+        host_eval = self.data.eval_batches(self.cfg.train.eval_batches, jax.process_index(), jax.process_count())
+        self.eval_batches = [self.setup.global_batch(b) for b in host_eval]
+
+    def _restore_or_init(self) -> tuple[int, dict | None]:
+        """(the step the run continues from, the data iterator's state when resumed)."""
+        latest, iterator_state = self.checkpointer.latest_step(), None
         if latest is None and self.cfg.train.init_from:
             params, self.init_from_step = load_source_params(self.cfg, self.setup)
             self.state = self.setup.factory.create(self.cfg.seed, params)
@@ -174,10 +183,10 @@ class Trainer:
             self.state = self.setup.factory.create(self.cfg.seed)
         else:
             self.state, data_state = self.checkpointer.restore(latest, self.setup.factory.abstract())
-            self.train_iter.set_state(data_state["iterator"])
+            iterator_state = data_state["iterator"]
             self.elapsed_before = float(data_state.get("wall_time_s", 0.0))
             self.init_from_step = data_state.get("init_from_step")
-        return int(jax.device_get(self.state.step))
+        return int(jax.device_get(self.state.step)), iterator_state
 
     def _announce(self, start_step: int) -> None:
         if not self.is_main:
