@@ -115,7 +115,7 @@ def cmd_preferences(args) -> int:
     preferences_command(
         Path(args.run_dir), Path(args.prompts), args.reward, Path(args.out), samples=args.samples, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, max_prompts=args.max_prompts, seed=args.seed, min_margin=args.min_margin,
-        prompt_key=args.prompt_key, force=args.force,
+        prompt_key=args.prompt_key, max_prompt_tokens=args.max_prompt_tokens, force=args.force,
     )
     return 0
 
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     d.add_argument("--min-margin", type=float, default=0.0, help="keep pairs whose rewards differ by more than this")
     d.add_argument("--prompt-key", default="prompt")
+    d.add_argument("--max-prompt-tokens", type=int, default=None, help="leave out prompts longer than this (chat markers included)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")
     d.set_defaults(func=cmd_preferences)

@@ -52,8 +52,9 @@ class LoadedRun:
         return self.setup.model
 
 
-def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices: list | None = None) -> LoadedRun:
-    """Config, model and the latest checkpoint's parameters of `run_dir`."""
+def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices: list | None = None,
+             step: int | None = None) -> LoadedRun:
+    """Config, model and the parameters of `run_dir`'s checkpoint at `step` (default: the latest)."""
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
         raise CheckpointError(f"{run_dir} is not a run directory: config.yaml not found")
@@ -61,10 +62,14 @@ def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices
     if not (run_dir / "checkpoints").is_dir():
         raise CheckpointError(f"{run_dir} has no checkpoints/ folder; train it first")
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, read_only=True)
-    step = checkpointer.latest_step()
-    if step is None:
+    steps = checkpointer.all_steps()
+    if not steps:
         checkpointer.close()
         raise CheckpointError(f"{run_dir} has no checkpoint yet (checkpoints/ is empty); train it first")
+    if step is not None and step not in steps:
+        checkpointer.close()
+        raise CheckpointError(f"{run_dir} has no checkpoint of step {step}; it has steps {', '.join(map(str, steps))}")
+    step = max(steps) if step is None else step
     setup = ModelSetup.build(cfg, devices)
     state, _ = checkpointer.restore(step, setup.factory.abstract())
     checkpointer.close()

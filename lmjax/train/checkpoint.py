@@ -53,6 +53,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
         self.manager.save(
             step,
