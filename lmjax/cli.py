@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: train.eval_batches)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="sample from a run's latest checkpoint (KV cache)")
+    p = sub.add_parser("generate", help="sample from a run's latest checkpoint (KV cache); a chat run answers the prompt as a user turn")
     p.add_argument("run_dir")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -229,7 +229,8 @@ def generate_from_run(
     seed: int = 0,
     num_samples: int = 1,
 ) -> list[str]:
-    """`lmjax generate`: continues `prompt` with the latest checkpoint of `run_dir`, on one device."""
+    """`lmjax generate`: continues `prompt` with the latest checkpoint of `run_dir`, on one device.
+    A chat run (objective sft or dpo) reads it as a user turn and returns the assistant's answer."""
     from lmjax.data.tokenizer import load_tokenizer
     from lmjax.evaluate import load_run
 
@@ -253,18 +254,27 @@ def generate_from_run(
     single_device = [f"mesh.{axis}=1" for axis in ("data", "fsdp", "tensor", "expert")]
     run = load_run(run_dir, single_device, devices=jax.devices()[:1])
     seq2seq = model_family(run.cfg.model).encoder_decoder
+    template, stop_id = None, tokenizer.eos_id
+    if run.cfg.train.objective in ("sft", "dpo"):  # a chat model answers the prompt as a user turn
+        from lmjax.data.chat import ChatTemplate
+
+        template = ChatTemplate(run.cfg.chat, tokenizer)
+        prompt_ids, stop_id = template.prompt_ids(prompt), template.end_id
     if seq2seq:  # the encoder reads the prompt as it read its training inputs: ending in eos
         prompt_ids = prompt_ids + [tokenizer.eos_id]
     prompts = np.tile(np.asarray(prompt_ids, np.int32), (num_samples, 1))
     tokens = generate(
         run.model, run.params, prompts, max_new_tokens, jax.random.key(seed),
-        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, decoder_start_id=tokenizer.pad_id,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=stop_id, decoder_start_id=tokenizer.pad_id,
     )
     texts = []
     for row in tokens:
         new = [int(t) for t in row[1 if seq2seq else len(prompt_ids):]]
-        if tokenizer.eos_id in new:
-            new = new[: new.index(tokenizer.eos_id)]
+        if template is not None:  # the assistant's answer alone
+            texts.append(template.response_text(new))
+            continue
+        if stop_id in new:
+            new = new[: new.index(stop_id)]
         # A decoder continues the prompt; an encoder-decoder's output is its answer alone.
         texts.append(tokenizer.decode(new) if seq2seq else prompt + tokenizer.decode(new))
     return texts

@@ -82,3 +82,12 @@ def test_completion_logps_equal_the_models_token_log_probabilities(chat_run):
         # The sampled ids stop at the chat's end-of-turn (or run to the token limit), and the text is theirs.
         assert completion.ids[-1] == sampler.stop_id or len(completion.ids) == 10
         assert completion.text == sampler.template.response_text(list(completion.ids))
+
+
+def test_lmjax_generate_answers_a_chat_runs_prompt_as_a_user_turn(chat_run, capsys):
+    run_dir, _ = chat_run
+    prompt = 'def add_3(x):\n    """Return x plus 3."""\n'
+    assert main(["generate", str(run_dir), "--prompt", prompt, "--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    greedy = Sampler.load(run_dir).sample([prompt], 1, 12, temperature=0.0)[0][0]
+    assert greedy.text and greedy.text in printed and prompt not in printed  # the answer alone, as the chat template ends it
