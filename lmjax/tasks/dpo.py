@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lmjax.data.pipeline import host_slice
@@ -152,28 +153,36 @@ class DPOTask(Task):
     # ------------------------------------------------------------------ precomputed reference
     def prepare(self, data, setup, params, run_dir: Path, fresh: bool) -> None:
         """With `dpo.reference: precomputed`: the reference log-probabilities of every pair, computed
-        from `params` when the run is `fresh` (before step 1) and saved, else read from the run."""
+        from `params` when the run is `fresh` (before step 1) and saved, else read from the run.
+        The file records the data's fingerprint and the parameters' norm: a fresh run reuses it only
+        if both match (e.g. restarted before its first checkpoint), a resumed one requires the data's."""
         if not self.precomputed:
             return
-        path = run_dir / REFERENCE_FILE
+        path, splits = run_dir / REFERENCE_FILE, (("train", "train"), ("val", "validation"))
+        params_norm = float(optax.tree.norm(params))
+        saved = {}
         if path.exists():
-            with np.load(path) as saved:
-                reference = {split: saved[split] for split in ("train", "val")}
-        elif not fresh:
+            with np.load(path) as file:
+                saved = {key: file[key] for key in file.files}
+        if saved and str(saved["fingerprint"]) != data.fingerprint:
+            if not fresh:
+                raise CheckpointError(f"{path}: computed for data {saved['fingerprint']}, the run now reads data {data.fingerprint}; "
+                                      "the data changed since the run started: restore it or start a new run_dir")
+            saved = {}
+        if saved and fresh and not np.isclose(float(saved["params_norm"]), params_norm, rtol=1e-6):
+            saved = {}  # a fresh start from other parameters (e.g. the init_from source has moved on)
+        if not saved and not fresh:
             raise CheckpointError(f"{path} not found: the reference log-probabilities of the initial policy are computed before "
                                   "step 1 and cannot be recomputed from a later checkpoint; start the run again in a new run_dir")
-        else:
-            reference = {name: self._precompute(getattr(data, split), setup, params)
-                         for name, split in (("train", "train"), ("val", "validation"))}
+        if not saved:
+            saved = {name: self._precompute(getattr(data, split), setup, params) for name, split in splits}
+            saved.update(fingerprint=np.asarray(data.fingerprint), params_norm=np.asarray(params_norm))
             if jax.process_index() == 0:
                 buffer = io.BytesIO()
-                np.savez(buffer, **reference)
+                np.savez(buffer, **saved)
                 write_bytes_atomic(path, buffer.getvalue())
-        for name, split in (("train", "train"), ("val", "validation")):
-            if reference[name].shape != (getattr(data, split).num_examples, 2):
-                raise CheckpointError(f"{path}: holds {reference[name].shape[0]} {name} pairs, the data has "
-                                      f"{getattr(data, split).num_examples}; the data changed since the run started")
-            setattr(data, split, getattr(data, split).with_reference(reference[name]))
+        for name, split in splits:
+            setattr(data, split, getattr(data, split).with_reference(saved[name]))
 
     def _precompute(self, split, setup, params) -> np.ndarray:
         """[n_pairs, 2] log-probabilities of the chosen and rejected responses under `params`."""
