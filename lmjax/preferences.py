@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from lmjax.data.chat import ChatTemplate
 from lmjax.data.examples import read_records, string_field
@@ -90,7 +91,7 @@ class Sampler:
         return Completion(text, tuple(ids))
 
     def sample(self, prompts: Sequence[str], samples: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, batch_rows: int = 64) -> list[list[Completion]]:
+               top_p: float = 1.0, seed: int = 0, batch_rows: int = 64, progress: bool = False) -> list[list[Completion]]:
         """`samples` completions of each prompt. Rows are (prompt, sample) pairs in batches of about
         `batch_rows`, prompts of similar length together, each batch with its own key from `seed`:
         the same prompts, seed and batch_rows give the same completions."""
@@ -101,6 +102,7 @@ class Sampler:
         per_batch = max(1, batch_rows // samples)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         completions: list[list[Completion]] = [[] for _ in prompts]
+        bar = tqdm(total=len(prompts), desc="sample", unit="prompt", dynamic_ncols=True, mininterval=2.0, disable=not progress)
         for start in range(0, len(order), per_batch):
             chosen = order[start:start + per_batch]
             width = LENGTH_BUCKET * math.ceil(max(len(encoded[i]) for i in chosen) / LENGTH_BUCKET)
@@ -113,6 +115,8 @@ class Sampler:
                            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=self.stop_id, prompt_lengths=lengths)
             for row, i in enumerate(np.repeat(chosen, samples)):
                 completions[i].append(self.completion(out[row, width:]))
+            bar.update(len(chosen))
+        bar.close()
         return completions
 
     def completion_logps(self, prompts: Sequence[str], completions: Sequence[Completion], params=None, batch_rows: int = 64) -> np.ndarray:
@@ -175,7 +179,7 @@ def preferences_command(run_dir: Path, prompts_path: Path, reward_name: str, out
     if max_prompt_tokens is not None:  # long prompts leave no room for an answer in a short context
         records = [(s, p) for s, p in records if len(sampler.prompt_ids(p)) <= max_prompt_tokens]
     sources, prompts = [s for s, _ in records], [p for _, p in records]
-    completions = sampler.sample(prompts, samples, max_new_tokens, temperature, seed=seed)
+    completions = sampler.sample(prompts, samples, max_new_tokens, temperature, seed=seed, progress=True)
     pairs, stats = preference_pairs(sources, prompts, completions, reward_name, min_margin)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in pairs))

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-prompt-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--batch-rows", type=int, default=256, help="rows per sampling batch (speed only)")
+    parser.add_argument("--batch-rows", type=int, default=64, help="rows per sampling batch (speed only)")
     args = parser.parse_args(argv)
 
     reference = Sampler.load(Path(args.reference))
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         sampler, run_dir, step = load_sampler(spec)
         completions = sampler.sample(prompts, args.samples, args.max_new_tokens, temperature=1.0, seed=args.seed,
-                                     batch_rows=args.batch_rows)
+                                     batch_rows=args.batch_rows, progress=True)
         chat = sampler.template is not None
         texts = [[c.text if chat else function_body(c.text) for c in options] for options in completions]
         parsed = np.asarray([[parses(p + t) for t in options] for p, options in zip(prompts, texts)], np.float64)
