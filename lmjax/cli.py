@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = data.add_parser("preferences", help="DPO pairs: sample completions from a run, rank them with a programmatic reward")
     d.add_argument("run_dir", help="a decoder run (a chat run, objective sft or dpo, is prompted through its chat template)")
     d.add_argument("--prompts", required=True, help="JSONL records with a prompt field (e.g. from sft-from-corpus)")
-    d.add_argument("--reward", required=True, help="a registered reward (lmjax/rewards.py), e.g. python_syntax")
+    d.add_argument("--reward", required=True, help="a registered reward (lmjax/rewards.py), e.g. python_syntax, or module:function")
     d.add_argument("--out", required=True, help="JSONL of {prompt, chosen, rejected} records")
     d.add_argument("--samples", type=int, default=4, help="completions per prompt; the best and the worst make the pair")
     d.add_argument("--max-new-tokens", type=int, default=128)

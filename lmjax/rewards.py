@@ -1,12 +1,14 @@
 """Programmatic rewards of (prompt, completion) pairs: the ranking of `lmjax data preferences`.
 
 A reward is a function `(prompt, completion) -> float`, registered by name with `@reward("name")`;
-higher is better. Add your own in a module imported before the command runs, or here.
+higher is better. Add your own here, or name any importable function as `module:function` (e.g.
+`--reward my_rewards:length`, with my_rewards.py on the Python path).
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
 import warnings
 from typing import Callable
 
@@ -25,8 +27,17 @@ def reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 def get_reward(name: str) -> RewardFn:
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"--reward {name}: cannot import it ({e}); expected module:function on the Python path") from None
+        if not callable(fn):
+            raise UserError(f"--reward {name}: is not a function; expected (prompt, completion) -> float")
+        return fn
     if name not in REWARDS:
-        raise UserError(f"--reward: expected one of {', '.join(sorted(REWARDS))}, got {name!r}")
+        raise UserError(f"--reward: expected one of {', '.join(sorted(REWARDS))} or module:function, got {name!r}")
     return REWARDS[name]
 
 

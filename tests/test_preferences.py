@@ -11,7 +11,8 @@ import pytest
 from lmjax.cli import main
 from lmjax.config import load_config
 from lmjax.preferences import Sampler, preference_pairs, Completion
-from lmjax.rewards import REWARDS, python_syntax, reward
+from lmjax.errors import UserError
+from lmjax.rewards import REWARDS, get_reward, python_syntax, reward
 from lmjax.train.loop import train
 
 
@@ -29,6 +30,10 @@ def test_python_syntax_rewards_parsing_and_a_little_length():
     assert records == [{"prompt": "p", "chosen": "xyz", "rejected": "x", "reward_chosen": 3.0, "reward_rejected": 1.0, "source": "a:1"}]
     assert stats == {"prompts": 2, "samples": 4, "mean_reward": 2.0, "pairs": 1}
     del REWARDS["test_length"]
+    # ... or any importable function, named module:function.
+    assert get_reward("lmjax.rewards:python_syntax") is python_syntax
+    with pytest.raises(UserError, match=r"--reward lmjax.rewards:nope: cannot import it"):
+        get_reward("lmjax.rewards:nope")
 
 
 @pytest.fixture(scope="module")
