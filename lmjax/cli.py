@@ -64,7 +64,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from lmjax.evaluate import evaluate_run
 
-    evaluate_run(Path(args.run_dir), args.overrides, batches=args.batches)
+    evaluate_run(Path(args.run_dir), args.overrides, batches=args.batches, step=args.step)
     return 0
 
 
@@ -157,10 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     config_command("train", "train (or resume) a run").set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run's latest checkpoint on its validation split")
+    p = sub.add_parser("eval", help="evaluate a run's latest (or --step) checkpoint on its validation split")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides (e.g. data.paths=...)")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: train.eval_batches)")
+    p.add_argument("--step", type=int, default=None, help="a kept checkpoint's step (default: the latest)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample from a run's latest checkpoint (KV cache); a chat run answers the prompt as a user turn")

@@ -76,10 +76,11 @@ def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices
     return LoadedRun(cfg, setup, state.params, state.frozen, step)
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), batches: int | None = None) -> dict[str, float]:
+def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), batches: int | None = None,
+                 step: int | None = None) -> dict[str, float]:
     from lmjax import sharding
 
-    run = load_run(run_dir, overrides)
+    run = load_run(run_dir, overrides, step=step)
     setup = run.setup
     # The run's own tokenizer: evaluating with another one would make the loss meaningless.
     data = setup.task.build_data(replace(run.cfg, **{"data.tokenizer.path": str(run_dir / "tokenizer.model")}))

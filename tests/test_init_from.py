@@ -52,6 +52,10 @@ def test_init_from_restores_the_source_parameters_exactly_onto_another_mesh(sour
     shutil.rmtree(copy)
     evaluated = evaluate_run(tmp_path / "frozen", ["mesh.data=-1"])
     assert evaluated["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
+    # Any kept checkpoint can be evaluated (`lmjax eval --step`); a step that was not kept is named.
+    assert evaluate_run(source_run, ["mesh.data=-1"], step=3)["step"] == 3
+    with pytest.raises(CheckpointError, match=r"has no checkpoint of step 4; it has steps 3, 6"):
+        evaluate_run(source_run, step=4)
 
 
 def test_init_from_refuses_shape_changes_another_tokenizer_and_runs_without_checkpoints(source_run, tmp_path, tiny_overrides):

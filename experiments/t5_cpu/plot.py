@@ -41,10 +41,14 @@ def plot_pretraining(run_dir: str, out: Path) -> None:
     fig.savefig(out / "pretraining.png", dpi=110)
 
 
-def plot_finetuning(finetuned: str, scratch: str, out: Path) -> None:
+def plot_finetuning(finetuned: str, scratch: str, out: Path, scratch_evals: str | None = None) -> None:
+    """`scratch_evals`: `lmjax eval --step` lines that replace the scratch run's logged evaluations
+    (that run logged them with an earlier evaluation, see the README)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for run_dir, label in ((finetuned, "from the span-corruption run"), (scratch, "from scratch")):
         train, evals = records(run_dir)
+        if run_dir == scratch and scratch_evals:
+            evals = [json.loads(line) for line in Path(scratch_evals).read_text().splitlines()]
         line, = left.plot([r["step"] for r in train], [r["loss"] for r in train], alpha=0.5, label=f"train, {label}")
         left.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color=line.get_color(), label=f"held-out files, {label}")
         right.plot([r["step"] for r in evals], [r["eval_token_accuracy"] for r in evals], "o-", color=line.get_color(), label=label)
@@ -62,4 +66,4 @@ def plot_finetuning(finetuned: str, scratch: str, out: Path) -> None:
 if __name__ == "__main__":
     pretrained, finetuned, scratch, out = sys.argv[1:5]
     plot_pretraining(pretrained, Path(out))
-    plot_finetuning(finetuned, scratch, Path(out))
+    plot_finetuning(finetuned, scratch, Path(out), *sys.argv[5:6])
