@@ -14,7 +14,7 @@ import re
 import numpy as np
 import pytest
 
-from lmjax.config import SpanCorruptionConfig, load_config
+from lmjax.config import SpanCorruptionConfig, TokenizerConfig, load_config
 from lmjax.data import DataError, TokenizerError, build_data
 from lmjax.data.span_corruption import (
     SpanCorruptionRows,
@@ -159,9 +159,11 @@ def t5_data(data_cache):
 def test_sentinels_follow_the_special_tokens(t5_data):
     _, data = t5_data
     tokenizer = data.tokenizer
-    assert [tokenizer.piece(i) for i in range(4, 7)] == ["<mask>", "<sep>", "<cls>"]
-    assert [tokenizer.piece(i) for i in range(7, 107)] == sentinel_tokens(100)
-    assert sentinel_ids(tokenizer, 100).tolist() == list(range(7, 107))
+    special = list(TokenizerConfig().special_tokens)  # the MLM and chat markers, ids 4, 5, ...
+    first = 4 + len(special)
+    assert [tokenizer.piece(i) for i in range(4, first)] == special
+    assert [tokenizer.piece(i) for i in range(first, first + 100)] == sentinel_tokens(100)
+    assert sentinel_ids(tokenizer, 100).tolist() == list(range(first, first + 100))
 
 
 def test_rows_are_corrupted_windows_of_the_stream(t5_data):

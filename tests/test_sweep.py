@@ -236,6 +236,7 @@ class Spy(InProcessExecutor):
         return super().execute(runs)
 
 
+@pytest.mark.slow  # minutes of runs: in .ci/run's second pass, out of the README's 15-minute suite
 def test_interrupted_sweep_resumes_to_the_same_results_without_retraining(tmp_path, tiny_sweep, capsys):
     whole = tiny_sweep(tmp_path / "whole")
     assert sweep_command(str(whole), [], plan_only=False, executor=InProcessExecutor(jax.devices()[:1])) == 0
@@ -357,6 +358,7 @@ def reference_encoder_flops_per_token(d: int, layers: int, heads: int, ff: int, 
     return 3 * forward / seq
 
 
+@pytest.mark.slow  # minutes of runs: in .ci/run's second pass, out of the README's 15-minute suite
 def test_sweep_over_encoder_sizes_plans_counts_runs_and_fits(tmp_path, tiny_sweep, capsys):
     sweep_file = tiny_sweep(tmp_path)
     sweep = yaml.safe_load(sweep_file.read_text())

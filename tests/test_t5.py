@@ -270,6 +270,7 @@ def test_seq2seq_trains_on_packed_jsonl_pairs_on_the_mesh(tmp_path, t5_overrides
     assert 0.0 < summary["final_eval_token_accuracy"] <= 1.0
 
 
+@pytest.mark.slow  # minutes of runs: in .ci/run's second pass, out of the README's 15-minute suite
 def test_sweep_over_t5_sizes_plans_by_encoder_and_decoder_tokens_and_runs(tmp_path, data_cache):
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump({
