@@ -158,8 +158,10 @@ class ExampleRows:
         return split.rows(np.asarray(global_rows)[host_rows], pad_id)
 
 
-def _settings(cfg: Config, section: str) -> dict[str, Any]:
-    return {f"{name}.{k}": v for name in (section, "chat") for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
+def example_rows(cfg: Config, section: str) -> ExampleRows:
+    """The row layout of `train.objective`'s examples, identified by its section's and the chat settings."""
+    settings = {f"{name}.{k}": v for name in (section, "chat") for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
+    return ExampleRows(cfg.train.objective, settings)
 
 
 def _check_prompts(examples: list, sequences: list[Sequences], seq_len: int, overlong: str, setting: str,
@@ -190,7 +192,7 @@ def _finish(cfg: Config, corpus: ExampleSet, tokenizer, train, val, what: str, s
     return ExampleData(
         tokenizer=tokenizer, fingerprint=corpus.fingerprint, stats=example_stats(cfg, train, val, tokens_per_row),
         train=train, validation=val, seq_len=cfg.data.seq_len, global_batch_size=cfg.data.global_batch_size, seed=cfg.seed,
-        layout=ExampleRows(cfg.train.objective, _settings(cfg, section)), empty_validation=empty,
+        layout=example_rows(cfg, section), empty_validation=empty,
     )
 
 

@@ -96,7 +96,9 @@ class DPOTask(Task):
         return schema
 
     def layout(self, tokenizer):
-        raise NotImplementedError("dpo rows are built by build_data from preference pairs")
+        from lmjax.data.post_training import example_rows
+
+        return example_rows(self.cfg, "dpo")
 
     def build_data(self, cfg):
         from lmjax.data.post_training import build_preference_data

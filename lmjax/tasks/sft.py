@@ -13,6 +13,11 @@ from lmjax.tasks.causal_lm import CausalLMTask
 class SFTTask(CausalLMTask):
     name = "sft"
 
+    def layout(self, tokenizer):
+        from lmjax.data.post_training import example_rows
+
+        return example_rows(self.cfg, "sft")
+
     def build_data(self, cfg):
         from lmjax.data.post_training import build_sft_data
 
