@@ -1,4 +1,5 @@
-"""`lmjax train | eval | generate | bench | tokenizer | data | sweep | fit`: parse, then call. No logic lives here.
+"""The `lmjax` command: train | eval | generate | import-hf | export-hf | bench | tokenizer | data | sweep | fit.
+Each command parses its arguments and calls one function of the package.
 
 CONFIG is a YAML file or a run directory (its config.yaml); overrides are `key.path=value`.
 A user error (config, data, checkpoint, arguments) prints one line `error: ...` and exits 2.
@@ -85,6 +86,24 @@ def cmd_generate(args) -> int:
         if len(texts) > 1:
             print(f"--- sample {i}")
         print(text)
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from lmjax.hf.interop import import_hf, imported_record
+
+    out = import_hf(Path(args.hf_dir), Path(args.out), args.overrides)
+    record = imported_record(out)
+    print(f"{record['architecture']} ({record['parameters']:,} parameters, {record['dtype']}) -> {out}")
+    print(f"tokenizer: {record['tokenizer_note']}")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from lmjax.hf.interop import export_hf
+
+    out = export_hf(Path(args.run_dir), Path(args.out), step=args.step, dtype=args.dtype)
+    print(f"{args.run_dir} -> {out}")
     return 0
 
 
@@ -175,6 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("import-hf", help="a Hugging Face model directory (config.json + *.safetensors) -> an lmjax run directory")
+    p.add_argument("hf_dir", help="LLaMA, Mistral, Mixtral, GPT-2, BERT (masked LM) or T5 v1.1; safetensors only")
+    p.add_argument("--out", required=True, help="the new run directory (must not exist or be empty)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides (e.g. mesh.fsdp=-1 mesh.data=1 to shard the weights)")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="a run's checkpoint -> a Hugging Face model directory (transformers' from_pretrained)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="the new Hugging Face directory (must not exist or be empty)")
+    p.add_argument("--step", type=int, default=None, help="a kept checkpoint's step (default: the latest)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="weights' dtype (default: the run's param_dtype)")
+    p.set_defaults(func=cmd_export_hf)
+
     p = config_command("bench", "time steady-state training steps: tokens/s, TFLOP/s, MFU, memory")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -238,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_cpu_xla_defaults()
         _enable_compilation_cache()
-        if args.func in (cmd_train, cmd_eval, cmd_bench):  # the commands that run on the mesh
+        if args.func in (cmd_train, cmd_eval, cmd_bench, cmd_import_hf):  # the commands that run on the mesh
             from lmjax import distributed
 
             distributed.initialize()

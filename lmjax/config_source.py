@@ -1,11 +1,12 @@
-"""`train.init_from`: the model a run starts from. When a config names a source run, its model
-section and tokenizer become the source's before the config is built (`lmjax.config.load_config`),
-so the source's parameters always fit the run.
+"""`train.init_from`: the model a run starts from. When a config names a source (an lmjax run
+directory or a Hugging Face model directory), its model section and tokenizer become the source's
+before the config is built (`lmjax.config.load_config`), so the source's parameters always fit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,22 @@ def take_source_model(tree: dict) -> None:
         return
     source_dir = Path(str(source)).expanduser().absolute()
     settings = ((tree.get("data") or {}).get("tokenizer") or {})
-    if not (source_dir / "config.yaml").is_file():
-        if tree.get("model") and settings.get("path"):
-            return
-        raise ConfigError(f"train.init_from: {source_dir} is not an lmjax run directory (no config.yaml); expected a run to start from")
-    source_model = build(Config, load_yaml(source_dir / "config.yaml")).model
+    if (source_dir / "config.yaml").is_file():
+        source_model = build(Config, load_yaml(source_dir / "config.yaml")).model
+        tokenizer, no_tokenizer = source_dir / "tokenizer.model", _missing_run_tokenizer(source_dir)
+    elif (source_dir / "config.json").is_file():  # a Hugging Face model directory
+        from lmjax.hf.configs import model_section
+        from lmjax.hf.interop import SENTENCEPIECE_FILES, read_hf_config, sentencepiece_file
+
+        source_model = build(ModelConfig, model_section(read_hf_config(source_dir), str(source_dir / "config.json")), "model.")
+        tokenizer = sentencepiece_file(source_dir) or source_dir / SENTENCEPIECE_FILES[0]
+        no_tokenizer = (f"train.init_from: {source_dir} has no sentencepiece model ({' or '.join(SENTENCEPIECE_FILES)}); "
+                        "lmjax tokenizes its data with sentencepiece, so it cannot train this model on text")
+    elif tree.get("model") and settings.get("path"):
+        return
+    else:
+        raise ConfigError(f"train.init_from: {source_dir} is neither an lmjax run directory (config.yaml) nor a Hugging Face "
+                          "model directory (config.json); expected a model to start from")
     theirs = _resolved(source_model)
     given = flatten_dotted(tree.get("model") or {})
     for key, value in given.items():
@@ -65,12 +77,20 @@ def take_source_model(tree: dict) -> None:
             model[key] = given[key]
     tree["model"] = model
     train_section["init_from"] = str(source_dir)
-    tokenizer = source_dir / "tokenizer.model"
     if settings.get("path") and Path(str(settings["path"])).expanduser().resolve() != tokenizer.resolve():
         raise ConfigError(
             f"data.tokenizer.path={settings['path']} differs from the train.init_from run's tokenizer {tokenizer}; "
             "its parameters read that tokenizer's ids: remove data.tokenizer.path"
         )
     if not tokenizer.is_file():
-        raise ConfigError(f"train.init_from: {source_dir} has no tokenizer.model; expected a run directory written by `lmjax train`")
+        raise ConfigError(no_tokenizer)
     set_path(tree, "data.tokenizer.path", str(tokenizer))
+
+
+def _missing_run_tokenizer(run_dir: Path) -> str:
+    """Why a run directory without tokenizer.model cannot be trained from."""
+    imported = run_dir / "imported.json"
+    if imported.is_file():
+        note = json.loads(imported.read_text()).get("tokenizer_note", "")
+        return f"train.init_from: {run_dir} (imported by lmjax import-hf) has no tokenizer.model: {note}"
+    return f"train.init_from: {run_dir} has no tokenizer.model; expected a run directory written by `lmjax train`"

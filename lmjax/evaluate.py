@@ -71,9 +71,12 @@ def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices
         raise CheckpointError(f"{run_dir} has no checkpoint of step {step}; it has steps {', '.join(map(str, steps))}")
     step = max(steps) if step is None else step
     setup = ModelSetup.build(cfg, devices)
-    state, _ = checkpointer.restore(step, setup.factory.abstract())
-    checkpointer.close()
-    return LoadedRun(cfg, setup, state.params, state.frozen, step)
+    abstract = setup.factory.abstract()
+    try:  # parameters (and a task's frozen state) only: readers have no use for the optimizer state
+        params, frozen = checkpointer.restore_params(step, abstract.params, abstract.frozen)
+    finally:
+        checkpointer.close()
+    return LoadedRun(cfg, setup, params, frozen, step)
 
 
 def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), batches: int | None = None,

@@ -77,22 +77,27 @@ class Checkpointer:
             ) from None
         return restored["state"], restored["data"]
 
-    def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """The parameters alone of checkpoint `step`, onto the shardings of `abstract_params` (any
-        mesh or host count): a fine-tuning run reads them without the source's optimizer state."""
-        restore_args = jax.tree.map(
-            lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), abstract_params
-        )
+    def restore_params(self, step: int, abstract_params: Any, abstract_frozen: Any = None) -> Any:
+        """The parameters alone of checkpoint `step` (with `abstract_frozen`, (params, frozen)), onto
+        the shardings of the abstract trees (any mesh or host count): a fine-tuning run reads them
+        without the source's optimizer state, readers (eval, generate) without their own, and a
+        run directory written by `lmjax import-hf` holds nothing else."""
+        items = {"params": abstract_params}
+        if abstract_frozen:
+            items["frozen"] = abstract_frozen
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), items)
         try:
             restored = ocp.PyTreeCheckpointer().restore(
                 self.directory / str(step) / "state",
-                args=ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True),
+                args=ocp.args.PyTreeRestore(item=items, restore_args=restore_args, partial_restore=True),
             )
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)}: its parameters do not match this model ({_first_line(e)})"
             ) from None
-        return restored["params"]
+        if abstract_frozen is None:
+            return restored["params"]
+        return restored["params"], restored.get("frozen", abstract_frozen)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

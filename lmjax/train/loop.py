@@ -55,6 +55,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     be reused with a corrected config.
     """
     saved_path = run_dir / "config.yaml"
+    if (run_dir / "imported.json").exists():
+        raise ConfigError(f"run_dir {run_dir} holds weights imported by `lmjax import-hf`, not a training run; "
+                          f"train from them in a new run: train.init_from={run_dir} run_dir=NEW_DIR")
     has_progress = (run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("[0-9]*"))
     if saved_path.exists() and has_progress:
         # Through the config builder: keys added to lmjax since the run started take their defaults.
