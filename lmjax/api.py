@@ -9,8 +9,8 @@
 `input_ids` are the checkpoint's own tokenizer ids. `attention_mask` (1 = token, 0 = padding, as in
 transformers) becomes lmjax's segment ids: padding is never attended to, so the logits of the real
 tokens are those of the unpadded input (the logits at padded positions mean nothing). Parameters
-are sharded over all devices by the config's mesh rules (`overrides` such as `mesh.fsdp=-1`
-change them). Loading prints nothing.
+are replicated on every device, whatever mesh a run trained on; `overrides` shard them (e.g.
+`mesh.fsdp=-1 mesh.data=1` for a model larger than one device). Loading prints nothing.
 """
 
 from __future__ import annotations
@@ -79,10 +79,12 @@ def _ints(array, name: str, shape: tuple[int, ...] | None = None) -> jax.Array:
 def load_model(path: str | Path, overrides: list[str] | tuple[str, ...] = (), step: int | None = None) -> Model:
     """The model of an lmjax run directory (its latest checkpoint, or `step`) or of a Hugging Face
     model directory (converted in memory, streamed onto the devices)."""
+    from lmjax.evaluate import load_run, reader_overrides
     from lmjax.hf.interop import hf_run_config, is_hf_dir, load_hf_params, sentencepiece_file
     from lmjax.train.step import ModelSetup
 
     path = Path(path).expanduser().absolute()
+    overrides = [*reader_overrides(jax.device_count()), *overrides]
     if is_hf_dir(path):
         if step is not None:
             raise UserError(f"step={step}: a Hugging Face directory has one set of weights, no steps")
@@ -91,8 +93,6 @@ def load_model(path: str | Path, overrides: list[str] | tuple[str, ...] = (), st
         params = load_hf_params(path, cfg, setup.factory.abstract().params)
         tokenizer = sentencepiece_file(path)
     elif (path / "config.yaml").is_file():
-        from lmjax.evaluate import load_run
-
         run = load_run(path, overrides, step=step)
         cfg, setup, params = run.cfg, run.setup, run.params
         tokenizer = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None

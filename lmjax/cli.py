@@ -102,7 +102,7 @@ def cmd_import_hf(args) -> int:
 def cmd_export_hf(args) -> int:
     from lmjax.hf.interop import export_hf
 
-    out = export_hf(Path(args.run_dir), Path(args.out), step=args.step, dtype=args.dtype)
+    out = export_hf(Path(args.run_dir), Path(args.out), step=args.step, dtype=args.dtype, overrides=args.overrides)
     print(f"{args.run_dir} -> {out}")
     return 0
 
@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new Hugging Face directory (must not exist or be empty)")
     p.add_argument("--step", type=int, default=None, help="a kept checkpoint's step (default: the latest)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="weights' dtype (default: the run's param_dtype)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides (default: the weights replicated on every device; "
+                   "mesh.fsdp=-1 mesh.data=1 shards them)")
     p.set_defaults(func=cmd_export_hf)
 
     p = config_command("bench", "time steady-state training steps: tokens/s, TFLOP/s, MFU, memory")
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_cpu_xla_defaults()
         _enable_compilation_cache()
-        if args.func in (cmd_train, cmd_eval, cmd_bench, cmd_import_hf):  # the commands that run on the mesh
+        if args.func in (cmd_train, cmd_eval, cmd_bench, cmd_import_hf, cmd_export_hf):  # the commands that run on the mesh
             from lmjax import distributed
 
             distributed.initialize()

@@ -64,6 +64,21 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class RopeScalingConfig:
+    """Rescaled RoPE frequencies for contexts beyond pretraining (`model.rope_scaling`), as Hugging
+    Face's `rope_scaling` / `rope_parameters` (transformers' modeling_rope_utils); attention is not rescaled."""
+
+    # none: theta^(-2i/H). linear: every frequency divided by factor (position interpolation).
+    # llama3 (Llama 3.1): frequencies of wavelength over original/low_freq_factor divided by factor,
+    # under original/high_freq_factor kept, smoothly interpolated in between.
+    kind: str = choices("none", "linear", "llama3", default="none")
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only, as the next two
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192  # the pretraining context length
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     # `family` selects the model class (the Levanter-style `type:` key): dense and moe are
     # decoder-only LMs (lmjax/models/decoder.py), encoder a BERT-style masked LM (encoder.py), t5
@@ -93,6 +108,11 @@ class ModelConfig:
     d_ff: int = 1024
     max_seq_len: int = 2048  # size of the learned position table (gpt2 style)
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # RoPE positions only
+    # Mistral's (Hugging Face's) sliding_window, decoder families only: a query attends to at most
+    # this many most recent keys, itself included (key j visible from query i when i - j < window).
+    # None: no window. FLOP counts (lmjax.flops) ignore it and count the full causal attention.
+    sliding_window: int | None = None
     relative_buckets: int = 32  # positions: relative (T5): buckets of relative distance, half per direction
     relative_max_distance: int = 128  # distances beyond this share the last bucket
     tie_embeddings: bool = True

@@ -38,6 +38,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attention=cudnn needs model.dtype=bfloat16 (cuDNN flash attention has no float32 kernel), got {m.dtype}")
     if m.use_rope and m.head_size % 2:
         raise ConfigError(f"model.head_dim ({m.head_size}) must be even for RoPE")
+    _validate_rope_scaling_and_window(cfg)
     _positive(m.type_vocab_size, "model.type_vocab_size", allow_zero=True)
     if m.family != "encoder":
         if m.post_norm:
@@ -129,6 +130,25 @@ def validate(cfg: Config) -> None:
         for axis in targets:
             if axis is not None and axis not in MESH_AXES:
                 raise ConfigError(f"mesh.rules: '{rule[0]}' maps to unknown mesh axis '{axis}'; expected one of {', '.join(MESH_AXES)}")
+
+
+def _validate_rope_scaling_and_window(cfg: Config) -> None:
+    m, r = cfg.model, cfg.model.rope_scaling
+    if r.kind != "none":
+        if not m.use_rope:
+            raise ConfigError(f"model.rope_scaling.kind={r.kind} needs RoPE positions (model.positions=rope), got positions {m.position_kind}")
+        if r.factor < 1.0:
+            raise ConfigError(f"model.rope_scaling.factor must be >= 1 (it stretches the pretraining context), got {r.factor}")
+    if r.kind == "llama3":
+        if not 0.0 < r.low_freq_factor < r.high_freq_factor:
+            raise ConfigError(f"model.rope_scaling: llama3 needs 0 < low_freq_factor < high_freq_factor, got "
+                              f"low_freq_factor {r.low_freq_factor} and high_freq_factor {r.high_freq_factor}")
+        _positive(r.original_max_position_embeddings, "model.rope_scaling.original_max_position_embeddings")
+    if m.sliding_window is not None:
+        if m.family not in ("dense", "moe"):
+            raise ConfigError(f"model.sliding_window needs a decoder (model.family dense or moe; causal self-attention), got family {m.family}")
+        if m.sliding_window < 1:
+            raise ConfigError(f"model.sliding_window must be >= 1 (keys a query sees, itself included) or null, got {m.sliding_window}")
 
 
 def _validate_t5(cfg: Config) -> None:

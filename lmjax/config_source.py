@@ -44,7 +44,7 @@ def take_source_model(tree: dict) -> None:
     settings = ((tree.get("data") or {}).get("tokenizer") or {})
     if (source_dir / "config.yaml").is_file():
         source_model = build(Config, load_yaml(source_dir / "config.yaml")).model
-        tokenizer, no_tokenizer = source_dir / "tokenizer.model", _missing_run_tokenizer(source_dir)
+        tokenizer, no_tokenizer = source_dir / "tokenizer.model", f"train.init_from: {missing_tokenizer(source_dir)}"
     elif (source_dir / "config.json").is_file():  # a Hugging Face model directory
         from lmjax.hf.configs import model_section
         from lmjax.hf.interop import SENTENCEPIECE_FILES, read_hf_config, sentencepiece_file
@@ -87,10 +87,10 @@ def take_source_model(tree: dict) -> None:
     set_path(tree, "data.tokenizer.path", str(tokenizer))
 
 
-def _missing_run_tokenizer(run_dir: Path) -> str:
-    """Why a run directory without tokenizer.model cannot be trained from."""
-    imported = run_dir / "imported.json"
+def missing_tokenizer(run_dir: Path) -> str:
+    """Why a run directory has no tokenizer.model (for the one-line errors of its readers)."""
+    imported = Path(run_dir) / "imported.json"
     if imported.is_file():
         note = json.loads(imported.read_text()).get("tokenizer_note", "")
-        return f"train.init_from: {run_dir} (imported by lmjax import-hf) has no tokenizer.model: {note}"
-    return f"train.init_from: {run_dir} has no tokenizer.model; expected a run directory written by `lmjax train`"
+        return f"{run_dir} (imported by lmjax import-hf) has no tokenizer.model: {note}"
+    return f"{run_dir} has no tokenizer.model; expected a run directory written by `lmjax train`"

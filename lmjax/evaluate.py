@@ -52,6 +52,13 @@ class LoadedRun:
         return self.setup.model
 
 
+def reader_overrides(n_devices: int) -> list[str]:
+    """A mesh any number of devices can hold for reading a run (parameters replicated, one row per
+    device), whatever mesh it trained on; a reader's own overrides (e.g. mesh.fsdp=-1) go after."""
+    mesh = ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1"]
+    return [*mesh, f"data.global_batch_size={n_devices}", "train.microbatches=1"]
+
+
 def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices: list | None = None,
              step: int | None = None) -> LoadedRun:
     """Config, model and the parameters of `run_dir`'s checkpoint at `step` (default: the latest)."""
@@ -83,6 +90,10 @@ def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), bat
                  step: int | None = None) -> dict[str, float]:
     from lmjax import sharding
 
+    if not (run_dir / "tokenizer.model").is_file() and (run_dir / "config.yaml").is_file():
+        from lmjax.config_source import missing_tokenizer
+
+        raise CheckpointError(missing_tokenizer(run_dir))
     run = load_run(run_dir, overrides, step=step)
     setup = run.setup
     # The run's own tokenizer: evaluating with another one would make the loss meaningless.

@@ -238,7 +238,9 @@ def generate_from_run(
         raise GenerateError(f"num_samples: expected >= 1, got {num_samples}")
     tokenizer_path = run_dir / "tokenizer.model"
     if not tokenizer_path.exists():
-        raise GenerateError(f"{run_dir} has no tokenizer.model; expected a run directory written by `lmjax train`")
+        from lmjax.config_source import missing_tokenizer
+
+        raise GenerateError(missing_tokenizer(run_dir))
     tokenizer = load_tokenizer(tokenizer_path)
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:

@@ -68,7 +68,7 @@ def test_init_from_refuses_shape_changes_another_tokenizer_and_runs_without_chec
     assert load_config(None, base + ["model.n_kv_heads=2", "model.head_dim=16", "model.positions=rope"]).model.head_dim is None
     with pytest.raises(ConfigError, match="data.tokenizer.path=.* differs from the train.init_from run's tokenizer"):
         load_config(None, base + [f"data.tokenizer.path={tmp_path / 'other.model'}"])
-    with pytest.raises(ConfigError, match="is not an lmjax run directory"):
+    with pytest.raises(ConfigError, match="is neither an lmjax run directory"):
         load_config(None, [f"train.init_from={tmp_path}"])
     untrained = tmp_path / "untrained"
     untrained.mkdir()

@@ -96,6 +96,8 @@ def _llama_like(hf: dict, where: str) -> dict[str, Any]:
 
 def _mixtral(hf: dict, where: str) -> dict[str, Any]:
     model = _llama_like(hf, where)
+    if hf["num_experts_per_tok"] < 2:  # a renormalised single gate is always 1: lmjax refuses to train that router
+        raise _refuse(where, "num_experts_per_tok", hf["num_experts_per_tok"], "2 or more (lmjax's top-1 routing keeps the softmax gate)")
     model["family"] = "moe"
     model["moe"] = {
         "n_experts": hf["num_local_experts"], "top_k": hf["num_experts_per_tok"], "d_ff_expert": hf["intermediate_size"],

@@ -93,22 +93,24 @@ def load_hf_params(hf_dir: str | Path, cfg: Config, abstract_params: Any) -> Any
 def import_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """Writes the run directory `out` from the Hugging Face directory `hf_dir`; returns `out`."""
     from lmjax.config import save_config
+    from lmjax.evaluate import reader_overrides
     from lmjax.train.checkpoint import Checkpointer
     from lmjax.train.step import ModelSetup
 
     hf_dir, out = Path(hf_dir).expanduser().absolute(), Path(out).expanduser().absolute()
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"--out {out} exists and is not empty; expected a new directory (nothing is overwritten)")
-    cfg, model_type, hf = hf_run_config(hf_dir, overrides, out)
-    setup = ModelSetup.build(cfg)
-    abstract = setup.factory.abstract().params
+    cfg, model_type, hf = hf_run_config(hf_dir, overrides, out)  # what the run directory records
+
+    def reading_setup(*extra: str) -> ModelSetup:  # on a mesh any device count holds, unless overridden
+        return ModelSetup.build(hf_run_config(hf_dir, [*reader_overrides(jax.device_count()), *overrides, *extra], out)[0])
+
+    abstract = reading_setup().factory.abstract().params
     checkpoint, plan = convert.open_checked(hf_dir, model_type, cfg.model, hf, abstract)
     with checkpoint:
-        dtype = convert.source_dtype(checkpoint, plan)
-        if dtype != cfg.model.param_dtype:  # keep the files' precision: bfloat16 stays bfloat16
-            cfg = replace(cfg, **{"model.param_dtype": dtype})
-            setup = ModelSetup.build(cfg)
-            abstract = setup.factory.abstract().params
+        dtype = convert.source_dtype(checkpoint, plan)  # the files' precision: bfloat16 stays bfloat16
+        cfg = replace(cfg, **{"model.param_dtype": dtype})
+        abstract = reading_setup(f"model.param_dtype={dtype}").factory.abstract().params
         params = convert.load_params(checkpoint, plan, abstract)
     tokenizer = sentencepiece_file(hf_dir)
     is_main = jax.process_index() == 0
@@ -142,15 +144,17 @@ def imported_record(run_dir: Path) -> dict[str, Any] | None:
 
 
 def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str | None = None,
-              max_shard_bytes: int = 5 * 1024**3) -> Path:
+              overrides: list[str] | tuple[str, ...] = (), max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Writes the Hugging Face directory `out` (config.json, safetensors, the sentencepiece model
-    as tokenizer.model) from a run's checkpoint; returns `out`."""
-    from lmjax.evaluate import load_run
+    as tokenizer.model) from a run's checkpoint; returns `out`. The parameters are read onto all
+    devices, replicated, whatever mesh the run trained on (`overrides` such as mesh.fsdp=-1
+    mesh.data=1 shard them instead)."""
+    from lmjax.evaluate import load_run, reader_overrides
 
     run_dir, out = Path(run_dir).expanduser().absolute(), Path(out).expanduser().absolute()
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"--out {out} exists and is not empty; expected a new directory (nothing is overwritten)")
-    run = load_run(run_dir, step=step)
+    run = load_run(run_dir, [*reader_overrides(jax.device_count()), *overrides], step=step)
     model = run.cfg.model
     model_type = export_model_type(model)  # refuses before anything is written
     dtype = dtype or model.param_dtype

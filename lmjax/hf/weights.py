@@ -148,7 +148,13 @@ def _bert(m: ModelConfig, names: set[str] | None) -> list[Link]:
              same("token_type_embedding", f"{e}.token_type_embeddings.weight"), *norm("embed_norm", f"{e}.LayerNorm", True, ln),
              linear("head_dense/kernel", "cls.predictions.transform.dense.weight", (d, d)),
              same("head_dense/bias", "cls.predictions.transform.dense.bias"),
-             *norm("head_norm", "cls.predictions.transform.LayerNorm", True, ln), same("output_bias", "cls.predictions.bias")]
+             *norm("head_norm", "cls.predictions.transform.LayerNorm", True, ln)]
+    if m.tie_embeddings or (names is not None and "cls.predictions.decoder.bias" not in names):
+        links.append(same("output_bias", "cls.predictions.bias"))
+    else:
+        # Untied, transformers 5 adds `decoder.bias` and leaves `cls.predictions.bias` unused (4 tied
+        # the two): read the one it uses, write both.
+        links.append(Link(("output_bias",), ("cls.predictions.decoder.bias", "cls.predictions.bias"), lambda used, _: (used,), lambda b: (b, b)))
     if not m.tie_embeddings:
         links.append(linear("unembed", "cls.predictions.decoder.weight", (d, v)))
     for i in range(m.n_layers):

@@ -5,8 +5,8 @@
 tokens int [B, T]; positions int [B, T] (default arange(T) per row); segment_ids int
 [B, T] (default: one segment per row). Several documents may be packed in a row with segment ids
 1, 2, 3, ... and positions restarting at 0 for each; 0 marks padding. A token attends to tokens at
-earlier-or-equal indices of its own segment only (padding attends to padding, so padding rows
-stay finite). Returns float32 logits [B, T, vocab_size].
+earlier-or-equal indices of its own segment only, the `model.sliding_window` most recent when set
+(padding attends to padding, so padding rows stay finite). Returns float32 logits [B, T, vocab_size].
 
 Parameter tree: `embed/embedding` [V, D]; without RoPE (`model.positions`) `position_embedding`
 [max_seq_len, D]; the

@@ -1,5 +1,4 @@
-"""Transformer building blocks: projections, norms, RoPE, self- and cross-attention with a KV
-cache, MLPs.
+"""Transformer building blocks: projections, norms, RoPE, self- and cross-attention with a KV cache, MLPs.
 
 Shape suffixes on array names: B batch, T query length, S key length, D d_model, N query heads,
 K key/value heads, H head_dim, F d_ff (MLP hidden), V vocab.
@@ -20,8 +19,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
-from lmjax.config import ConfigError, ModelConfig
+from lmjax.config import ConfigError, ModelConfig, RopeScalingConfig
 from lmjax.errors import UserError
 
 class ModelInputError(UserError):
@@ -83,9 +83,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[x.ndim - self.in_dims :]
-        kernel = self.param(
-            "kernel", partitioned_normal(self.init_std, self.kernel_axes), (*in_shape, *self.features), self.param_dtype
-        )
+        kernel = self.param("kernel", partitioned_normal(self.init_std, self.kernel_axes), (*in_shape, *self.features), self.param_dtype)
         # One 2-D matmul [tokens, in] x [in, out]: XLA:CPU gives an N-D tensordot's weight
         # gradient a transposed operand layout and spends ~20% of the train step copying it
         # (experiments/bench/README.md); GSPMD merges the sharded leading axes without moving data.
@@ -94,8 +92,7 @@ class Dense(nn.Module):
         y_2d = x_2d @ kernel.reshape(math.prod(in_shape), math.prod(self.features)).astype(self.dtype)
         y = y_2d.reshape(*lead_shape, *self.features)
         if self.use_bias:
-            bias_axes = self.kernel_axes[self.in_dims :]
-            bias_init = nn.with_logical_partitioning(nn.initializers.zeros, bias_axes)
+            bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.in_dims :])
             y = y + self.param("bias", bias_init, self.features, self.param_dtype).astype(self.dtype)
         return y
 
@@ -107,8 +104,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        ones = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
-        scale_D = self.param("scale", ones, (x_BTD.shape[-1],), self.param_dtype)
+        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x_BTD.shape[-1],), self.param_dtype)
         x = x_BTD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         return (x * scale_D.astype(jnp.float32)).astype(self.dtype)
@@ -121,11 +117,9 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        d_model = x_BTD.shape[-1]
-        ones = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
-        zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
-        scale_D = self.param("scale", ones, (d_model,), self.param_dtype)
-        bias_D = self.param("bias", zeros, (d_model,), self.param_dtype)
+        ones, zeros = (nn.with_logical_partitioning(init, ("embed",)) for init in (nn.initializers.ones, nn.initializers.zeros))
+        scale_D = self.param("scale", ones, (x_BTD.shape[-1],), self.param_dtype)
+        bias_D = self.param("bias", zeros, (x_BTD.shape[-1],), self.param_dtype)
         x = x_BTD.astype(jnp.float32)
         x = x - jnp.mean(x, axis=-1, keepdims=True)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
@@ -137,11 +131,29 @@ def make_norm(config: ModelConfig, name: str) -> nn.Module:
     return norm_cls(eps=config.norm_eps, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), name=name)
 
 
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding (Su et al. 2021) in the rotate-half layout used by Llama/GPT-NeoX:
-    dimension i is paired with i + H/2 and the pair is rotated by positions * theta^(-2i/H)."""
-    half = x_BTNH.shape[-1] // 2
-    inv_freq_h = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig) -> jnp.ndarray:
+    """float32 [head_dim // 2]: theta^(-2i/head_dim), rescaled by `scaling`. In numpy float32 with
+    transformers' operations in its order (torch's `x / tensor` is a reciprocal then a product), so
+    Hugging Face checkpoints get their own frequencies, but for a rare last-place difference of `pow`."""
+    f32, s = np.float32, scaling
+    exponent_h = np.arange(0, head_dim, 2).astype(f32) / f32(head_dim)
+    inv_freq_h = f32(1) / (np.float64(theta) ** exponent_h.astype(np.float64)).astype(f32)
+    if s.kind == "linear":
+        inv_freq_h = inv_freq_h / f32(s.factor)
+    elif s.kind == "llama3":  # wavelengths over original / low slowed by factor, under original / high kept
+        context, low, high = s.original_max_position_embeddings, s.low_freq_factor, s.high_freq_factor
+        wavelen_h = f32(1) / inv_freq_h * f32(2 * math.pi)
+        smooth_h = (f32(1) / wavelen_h * f32(context) - f32(low)) / f32(high - low)  # 0 at original / low, 1 at original / high
+        smoothed_h = (f32(1) - smooth_h) * inv_freq_h / f32(s.factor) + smooth_h * inv_freq_h
+        inv_freq_h = np.where(wavelen_h > f32(context / low), inv_freq_h / f32(s.factor),
+                              np.where(wavelen_h < f32(context / high), inv_freq_h, smoothed_h))
+    return jnp.asarray(inv_freq_h, jnp.float32)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float, scaling: RopeScalingConfig | None = None) -> jax.Array:
+    """Rotary embedding (Su et al. 2021) in the rotate-half layout used by Llama/GPT-NeoX: dimension i
+    is paired with i + H/2 and the pair rotated by positions * `rope_inverse_frequencies`[i]."""
+    inv_freq_h = rope_inverse_frequencies(x_BTNH.shape[-1], theta, scaling or RopeScalingConfig())
     angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h
     sin_BT1h, cos_BT1h = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
@@ -149,33 +161,21 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     return rotated.astype(x_BTNH.dtype)
 
 
+def dense_options(config: ModelConfig) -> dict:
+    return dict(use_bias=config.use_bias, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+
+
 def head_projection(config: ModelConfig, name: str, heads: int, heads_axis: str) -> Callable[[jax.Array], jax.Array]:
     """x [..., D] -> [..., heads, head_dim]: query (heads axis 'heads'), key or value ('kv_heads')."""
     kind = "query" if name == "query" else "key_value"
-    dense = Dense(
-        features=(heads, config.head_size),
-        kernel_axes=("embed", heads_axis, "head_dim"),
-        init_std=init_std(config, kind),
-        use_bias=config.use_bias,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
-        name=name,
-    )
+    dense = Dense((heads, config.head_size), ("embed", heads_axis, "head_dim"), init_std(config, kind), name=name, **dense_options(config))
     return lambda x: nn.with_logical_constraint(dense(x), ("batch", "length", heads_axis, "head_dim"))
 
 
 def attention_output(config: ModelConfig) -> Callable[[jax.Array], jax.Array]:
     """The output projection `out` [N, H, D] of attention heads [B, T, N, H]."""
-    dense = Dense(
-        features=(config.d_model,),
-        kernel_axes=("heads", "head_dim", "embed"),
-        init_std=init_std(config, "attention_out"),
-        in_dims=2,
-        use_bias=config.use_bias,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
-        name="out",
-    )
+    dense = Dense((config.d_model,), ("heads", "head_dim", "embed"), init_std(config, "attention_out"), in_dims=2, name="out",
+                  **dense_options(config))
     return lambda out_BTNH: dense(nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim")))
 
 
@@ -192,7 +192,8 @@ class Attention(nn.Module):
     """Self-attention with grouped-query heads, segment masking and an optional KV cache.
 
     Training/eval (`decode=False`): query i attends to keys j <= i of the same segment, or, with
-    `causal=False` (encoders), to every key of the same segment.
+    `causal=False` (encoders), to every key of the same segment; with `config.sliding_window` w only
+    to keys with i - j < w (causal only; jax's `local_window_size=(w - 1, 0)`, in cuDNN's kernel too).
     `jax.nn.dot_product_attention` handles GQA natively (query head n reads KV head n // (N/K)).
     With `config.attention == "cudnn"` the causal part runs inside the cuDNN flash kernel
     (`is_causal=True`); packed rows (segment_ids given) add a dense [B, 1, T, T] boolean mask,
@@ -201,11 +202,12 @@ class Attention(nn.Module):
 
     Decode (`decode=True`): keys and values are written into the 'cache' collection
     (cached_key/cached_value [B, S_max, K, H], cached_valid [B, S_max], cache_index = tokens already
-    cached); the query chunk attends to every valid cached key up to its own index (the caller keeps
-    start + chunk length <= S_max). One sequence per row: segment id 0 is left padding, never attended
-    to (a pad query sees only itself, so its unused output stays finite); other ids (or None) are real
-    tokens. Any chunk length works: one call prefills the prompt, later calls append one token each.
-    Decode always uses the XLA kernel: its mask is not the square causal one cuDNN's `is_causal` assumes.
+    cached); the query chunk attends to every valid cached key up to its own index, and within the
+    sliding window by cache slot (left padding comes first: real tokens keep their distances); the
+    caller keeps start + chunk length <= S_max. One sequence per row: segment id 0 is left padding, never
+    attended to (a pad query sees only itself, so its unused output stays finite); other ids (or None) are real
+    tokens. Any chunk length works: one call prefills the prompt, later calls append one token each. Decode
+    always uses the XLA kernel: its mask is not the square causal one cuDNN's `is_causal` assumes.
     """
 
     config: ModelConfig
@@ -213,18 +215,16 @@ class Attention(nn.Module):
     causal: bool = True
 
     @nn.compact
-    def __call__(
-        self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None, bias_BNTS: jax.Array | None = None
-    ) -> jax.Array:
-        """`bias_BNTS`: an additive float32 bias of the scores (T5's relative positions), [B or 1,
-        N, T, S] with S the cache length when decoding."""
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
+                 bias_BNTS: jax.Array | None = None) -> jax.Array:
+        """`bias_BNTS`: an additive float32 score bias (T5's relative positions), [B or 1, N, T, S] (S: T or the cache length)."""
         cfg = self.config
         q_BTNH = head_projection(cfg, "query", cfg.n_heads, "heads")(x_BTD)
         k_BTKH = head_projection(cfg, "key", cfg.kv_heads, "kv_heads")(x_BTD)
         v_BTKH = head_projection(cfg, "value", cfg.kv_heads, "kv_heads")(x_BTD)
         if cfg.use_rope:
-            q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
-            k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
+            q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
+            k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
 
         if self.decode:
             k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, segment_ids_BT)
@@ -232,8 +232,9 @@ class Attention(nn.Module):
         else:
             mask_B1TT = None if segment_ids_BT is None else (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
             out_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BTKH, v_BTKH, bias=bias_BNTS, mask=mask_B1TT, scale=cfg.attention_scale,
-                is_causal=self.causal, implementation=attention_kernel(cfg),
+                q_BTNH, k_BTKH, v_BTKH, bias=bias_BNTS, mask=mask_B1TT, scale=cfg.attention_scale, is_causal=self.causal,
+                local_window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window and self.causal else None,
+                implementation=attention_kernel(cfg),
             )
         return attention_output(cfg)(out_BTNH)
 
@@ -255,7 +256,9 @@ class Attention(nn.Module):
         cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid_BT, (0, start))
         cache_index.value = start + query_len
         key_index_1S, query_index_T1 = jnp.arange(cached_key.value.shape[1])[None, :], start + jnp.arange(query_len)[:, None]
-        visible_BTS = ((key_index_1S <= query_index_T1) & cached_valid.value[:, None, :]) | (key_index_1S == query_index_T1)
+        window = self.config.sliding_window or cached_key.value.shape[1]  # None: every cached key
+        in_window_TS = (key_index_1S <= query_index_T1) & (query_index_T1 - key_index_1S < window)
+        visible_BTS = (in_window_TS & cached_valid.value[:, None, :]) | (key_index_1S == query_index_T1)
         return cached_key.value, cached_value.value, visible_BTS[:, None]
 
 
@@ -312,8 +315,7 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def gelu(x: jax.Array, config: ModelConfig) -> jax.Array:
-    """The tanh approximation (GPT-2, T5 v1.1's gelu_new), or the exact erf form in bert style (as
-    BERT was trained)."""
+    """The tanh approximation (GPT-2, T5 v1.1's gelu_new), or the exact erf form in bert style (as BERT was trained)."""
     return jax.nn.gelu(x, approximate=config.style != "bert")
 
 
@@ -327,11 +329,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cfg = self.config
-        common = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        use_bias = cfg.use_bias
+        options = dense_options(cfg)
 
         def hidden(name: str) -> jax.Array:
-            dense = Dense((cfg.d_ff,), ("embed", "mlp"), init_std(cfg, "mlp_in"), use_bias=use_bias, name=name, **common)
+            dense = Dense((cfg.d_ff,), ("embed", "mlp"), init_std(cfg, "mlp_in"), name=name, **options)
             return nn.with_logical_constraint(dense(x_BTD), MLP_HIDDEN_AXES)
 
         if cfg.ffn == "swiglu":
@@ -343,7 +344,7 @@ class MLP(nn.Module):
         else:
             h_BTF = gelu(hidden("fc_in"), cfg)
         h_BTF = nn.with_logical_constraint(h_BTF, MLP_HIDDEN_AXES)
-        down = Dense((cfg.d_model,), ("mlp", "embed"), init_std(cfg, "mlp_out"), use_bias=use_bias, name="down", **common)
+        down = Dense((cfg.d_model,), ("mlp", "embed"), init_std(cfg, "mlp_out"), name="down", **options)
         return down(h_BTF)
 
 
@@ -357,9 +358,8 @@ class Block(nn.Module):
     causal: bool = True
 
     @nn.compact
-    def __call__(
-        self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None, bias_BNTS: jax.Array | None = None
-    ) -> tuple[jax.Array, None]:
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
+                 bias_BNTS: jax.Array | None = None) -> tuple[jax.Array, None]:
         cfg = self.config
         attention = Attention(cfg, decode=self.decode, causal=self.causal, name="attention")
         mlp = self.mlp_cls(cfg, name="mlp")
