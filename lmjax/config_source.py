@@ -46,10 +46,9 @@ def take_source_model(tree: dict) -> None:
         source_model = build(Config, load_yaml(source_dir / "config.yaml")).model
         tokenizer, no_tokenizer = source_dir / "tokenizer.model", f"train.init_from: {missing_tokenizer(source_dir)}"
     elif (source_dir / "config.json").is_file():  # a Hugging Face model directory
-        from lmjax.hf.configs import model_section
-        from lmjax.hf.interop import SENTENCEPIECE_FILES, read_hf_config, sentencepiece_file
+        from lmjax.hf.interop import SENTENCEPIECE_FILES, hf_model_section, sentencepiece_file
 
-        source_model = build(ModelConfig, model_section(read_hf_config(source_dir), str(source_dir / "config.json")), "model.")
+        source_model = build(ModelConfig, hf_model_section(source_dir)[2], "model.")
         tokenizer = sentencepiece_file(source_dir) or source_dir / SENTENCEPIECE_FILES[0]
         no_tokenizer = (f"train.init_from: {source_dir} has no sentencepiece model ({' or '.join(SENTENCEPIECE_FILES)}); "
                         "lmjax tokenizes its data with sentencepiece, so it cannot train this model on text")

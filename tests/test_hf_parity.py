@@ -203,3 +203,64 @@ def test_export_reads_a_run_whose_mesh_does_not_fit_these_devices(tmp_path):
     export_hf(run, tmp_path / "out")
     source, exported = tensors(tmp_path / "hf"), tensors(tmp_path / "out")
     assert all(np.array_equal(exported[name], array) for name, array in source.items())
+
+
+@pytest.mark.parametrize("case", ["llama_mha_tied_linear_rope", "gpt2"])
+def test_a_head_the_files_hold_apart_from_the_table_is_untied(case, tmp_path):
+    """config.json says tied, but the files give lm_head its own values: transformers 5 keeps them
+    apart, and so must lmjax (and export writes the head back)."""
+    from safetensors.torch import load_file, save_file
+
+    hf = random_hf_model(case)
+    hf.save_pretrained(tmp_path / "hf")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    assert "lm_head.weight" not in weights
+    table = weights["model.embed_tokens.weight" if case.startswith("llama") else "transformer.wte.weight"]
+    weights["lm_head.weight"] = table + 0.5 * torch.randn_like(table)
+    save_file(weights, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    reread = type(hf).from_pretrained(tmp_path / "hf").eval()
+    feed = inputs(case)
+    expected = hf_logits(reread, feed)
+    assert not np.allclose(expected, hf_logits(hf, feed), atol=1e-3)  # the distinct head matters
+    lm = load_model(tmp_path / "hf")
+    assert not lm.config.model.tie_embeddings
+    np.testing.assert_allclose(np.asarray(lm.logits(**feed)), expected, atol=1e-4, rtol=0)
+
+
+def test_reads_both_file_layouts(tmp_path):
+    """transformers 4's config.json (rope_theta + rope_scaling; T5's tie_word_embeddings standing for
+    the rescaled head) and transformers 5's fused Mixtral experts (gate_up_proj [E, 2F, D],
+    down_proj [E, D, F], as its modules hold them) read as the layouts save_pretrained writes."""
+    import json
+
+    from safetensors.torch import save_file
+
+    # LLaMA with llama3 RoPE scaling, config.json as transformers 4 wrote it.
+    hf = random_hf_model("llama_gqa_llama3_rope")
+    hf.save_pretrained(tmp_path / "llama")
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = {"type" if "type" in rope else "rope_type": rope.pop("rope_type"), **rope}
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(config))
+    feed = inputs("llama_gqa_llama3_rope")
+    np.testing.assert_allclose(np.asarray(load_model(tmp_path / "llama").logits(**feed)), hf_logits(hf, feed), atol=1e-4, rtol=0)
+
+    # Original T5 (rescaled tied head), config.json without transformers 5's scale_decoder_outputs.
+    hf = random_hf_model("t5_original")
+    hf.save_pretrained(tmp_path / "t5")
+    config = json.loads((tmp_path / "t5" / "config.json").read_text())
+    assert config.pop("scale_decoder_outputs") is True
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    feed = inputs("t5_original")
+    np.testing.assert_allclose(np.asarray(load_model(tmp_path / "t5").logits(**feed)), hf_logits(hf, feed), atol=1e-4, rtol=0)
+
+    # Mixtral's experts fused, as transformers 5's modules hold them.
+    hf = random_hf_model("mixtral_top2")
+    hf.save_pretrained(tmp_path / "mixtral")
+    state = {name: p.contiguous() for name, p in hf.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    (tmp_path / "mixtral" / "model.safetensors").unlink()
+    save_file(state, tmp_path / "mixtral" / "model.safetensors", metadata={"format": "pt"})
+    feed = inputs("mixtral_top2")
+    np.testing.assert_allclose(np.asarray(load_model(tmp_path / "mixtral").logits(**feed)), hf_logits(hf, feed), atol=1e-4, rtol=0)

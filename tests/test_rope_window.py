@@ -74,8 +74,10 @@ def test_linear_frequencies_equal_transformers(head_dim, theta, factor):
 
 @pytest.mark.parametrize("head_dim,theta", [(64, 10000.0), (128, 500000.0), (8, 100.0)])
 def test_unscaled_frequencies_equal_transformers(head_dim, theta):
+    """Unscaled RoPE keeps lmjax's original expression (existing runs resume bit for bit), within a
+    few float32 last places of transformers' (relative 1.2e-7 each)."""
     want = hf_inverse_frequencies("default", head_dim, theta)
-    np.testing.assert_allclose(np.asarray(rope_inverse_frequencies(head_dim, theta, RopeScalingConfig())), want, rtol=1.5e-7, atol=0)
+    np.testing.assert_allclose(np.asarray(rope_inverse_frequencies(head_dim, theta, RopeScalingConfig())), want, rtol=5e-7, atol=0)
 
 
 # ----------------------------------------------------------------------------- whole models

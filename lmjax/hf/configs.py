@@ -117,7 +117,7 @@ def _gpt2(hf: dict, where: str) -> dict[str, Any]:
     return {
         "family": "dense", "style": "gpt2", "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["n_layer"],
         "n_heads": hf["n_head"], "d_ff": hf.get("n_inner") or 4 * d, "max_seq_len": hf["n_positions"],
-        "tie_embeddings": True, "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", True)), "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
     }
 
 
@@ -185,8 +185,8 @@ def export_model_type(model: ModelConfig) -> str:
             raise refuse("style", model.style, "BertForMaskedLM is BERT style (post-norm, learned positions)")
         return "bert"
     if model.style == "gpt2":
-        if model.use_rope or model.ffn != "gelu" or model.family != "dense" or not model.tie_embeddings:
-            raise refuse("style", model.style, "GPT2LMHeadModel has learned positions, a GELU MLP, a tied head and no MoE")
+        if model.use_rope or model.ffn != "gelu" or model.family != "dense":
+            raise refuse("style", model.style, "GPT2LMHeadModel has learned positions, a GELU MLP and no MoE")
         if model.n_heads != model.kv_heads or model.head_size * model.n_heads != model.d_model:
             raise refuse("n_kv_heads", model.kv_heads, "GPT-2 has n_heads key/value heads of d_model / n_heads")
         return "gpt2"
@@ -234,7 +234,7 @@ def hf_config(model: ModelConfig, dtype: str, token_ids: dict[str, int | None]) 
     if model_type == "gpt2":
         return {**common, "n_embd": model.d_model, "n_layer": model.n_layers, "n_head": model.n_heads, "n_inner": model.d_ff,
                 "n_positions": model.max_seq_len, "activation_function": "gelu_new", "layer_norm_epsilon": model.norm_eps,
-                "tie_word_embeddings": True}
+                "tie_word_embeddings": model.tie_embeddings}
     if model_type == "bert":
         return {**common, "hidden_size": model.d_model, "num_hidden_layers": model.n_layers, "num_attention_heads": model.n_heads,
                 "intermediate_size": model.d_ff, "max_position_embeddings": model.max_seq_len, "type_vocab_size": model.type_vocab_size,

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from lmjax.config import Config, build, parse_override, replace, set_path, to_dict
 from lmjax.config_checks import validate
 from lmjax.errors import CheckpointError
 from lmjax.hf import convert
 from lmjax.hf.configs import ARCHITECTURES, export_model_type, hf_config, model_section, model_type_of
-from lmjax.hf.safetensors_io import write_safetensors
+from lmjax.hf.safetensors_io import SafetensorsCheckpoint, write_safetensors
 
 IMPORTED = "imported.json"
 SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model")
@@ -56,14 +57,35 @@ def sentencepiece_file(hf_dir: Path) -> Path | None:
     return next((hf_dir / name for name in SENTENCEPIECE_FILES if (hf_dir / name).is_file()), None)
 
 
-def hf_run_config(hf_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), run_dir: Path | None = None) -> tuple[Config, str, dict]:
-    """(the lmjax config of a Hugging Face directory, its model_type, its config.json). The
-    tokenizer is the directory's sentencepiece model, when it has one."""
-    hf_dir = Path(hf_dir).expanduser().absolute()
+# (output head, token table) of the architectures whose head config.json may say is tied.
+HEADS = {"llama": ("lm_head.weight", "model.embed_tokens.weight"), "gpt2": ("lm_head.weight", "transformer.wte.weight"),
+         "bert": ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")}
+HEADS["mistral"] = HEADS["mixtral"] = HEADS["llama"]
+
+
+def hf_model_section(hf_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(model_type, config.json, lmjax's model section) of a Hugging Face directory.
+
+    A head the files hold apart from the token table is untied, whatever config.json says:
+    transformers 5 does not tie weights a checkpoint gives different values."""
     hf = read_hf_config(hf_dir)
     where = str(hf_dir / "config.json")
     model_type = model_type_of(hf, where)
     model = model_section(hf, where)
+    if model.get("tie_embeddings") and model_type in HEADS:
+        head, table = HEADS[model_type]
+        with SafetensorsCheckpoint.open(hf_dir) as checkpoint:
+            table = table if table in checkpoint else table.split(".", 1)[1]  # files saved without the base-model prefix
+            if head in checkpoint and table in checkpoint and not np.array_equal(checkpoint.read(head), checkpoint.read(table)):
+                model["tie_embeddings"] = False
+    return model_type, hf, model
+
+
+def hf_run_config(hf_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), run_dir: Path | None = None) -> tuple[Config, str, dict]:
+    """(the lmjax config of a Hugging Face directory, its model_type, its config.json). The
+    tokenizer is the directory's sentencepiece model, when it has one."""
+    hf_dir = Path(hf_dir).expanduser().absolute()
+    model_type, hf, model = hf_model_section(hf_dir)
     tree = to_dict(build(Config, {}))
     tree["model"].update(model)
     tree["train"]["objective"] = OBJECTIVES[model["family"]]

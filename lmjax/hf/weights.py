@@ -117,6 +117,8 @@ def _gpt2(m: ModelConfig, names: set[str] | None) -> list[Link]:
     d, n, h = m.d_model, m.n_heads, m.head_size
     links = [same("embed/embedding", f"{prefix}wte.weight"), same("position_embedding", f"{prefix}wpe.weight"),
              *norm("final_norm", f"{prefix}ln_f", True)]
+    if not m.tie_embeddings:
+        links.append(linear("unembed", "lm_head.weight", (d, m.vocab_size)))
 
     def split_qkv(w, b):  # Conv1D c_attn [D, 3D], bias [3D]: query, key, value side by side
         ws, bs = np.split(w, 3, axis=1), np.split(b, 3)

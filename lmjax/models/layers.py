@@ -3,9 +3,8 @@
 Shape suffixes on array names: B batch, T query length, S key length, D d_model, N query heads,
 K key/value heads, H head_dim, F d_ff (MLP hidden), V vocab.
 
-Every parameter carries logical axis names (`nn.with_logical_partitioning`) and the main
-activations carry logical constraints; `lmjax.sharding` maps the names to mesh axes. With no
-rules active the constraints are no-ops, so the same code runs unsharded.
+Every parameter carries logical axis names (`nn.with_logical_partitioning`), the main activations
+logical constraints; `lmjax.sharding` maps the names to mesh axes (no rules: unsharded).
 
 Parameters are stored in `config.param_dtype` and cast to `config.dtype` for compute. Norm
 statistics, RoPE angles and softmax (inside `jax.nn.dot_product_attention`) are float32.
@@ -132,10 +131,12 @@ def make_norm(config: ModelConfig, name: str) -> nn.Module:
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig) -> jnp.ndarray:
-    """float32 [head_dim // 2]: theta^(-2i/head_dim), rescaled by `scaling`. In numpy float32 with
-    transformers' operations in its order (torch's `x / tensor` is a reciprocal then a product), so
-    Hugging Face checkpoints get their own frequencies, but for a rare last-place difference of `pow`."""
+    """float32 [head_dim // 2]: theta^(-2i/head_dim), rescaled by `scaling` with transformers' float32
+    operations in its order (torch's `x / t` is a reciprocal then a product). Unscaled: lmjax's first
+    expression (last-place differences from transformers'), so older runs resume bit for bit."""
     f32, s = np.float32, scaling
+    if s.kind == "none":
+        return theta ** (-jnp.arange(head_dim // 2, dtype=jnp.float32) / (head_dim // 2))
     exponent_h = np.arange(0, head_dim, 2).astype(f32) / f32(head_dim)
     inv_freq_h = f32(1) / (np.float64(theta) ** exponent_h.astype(np.float64)).astype(f32)
     if s.kind == "linear":
