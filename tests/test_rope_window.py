@@ -190,11 +190,12 @@ def test_cached_decoding_with_window_matches_full_forward(scan_layers):
     params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     tokens = jnp.asarray(random_ids(16), jnp.int32)
     full = np.asarray(model.apply({"params": params}, tokens))
-    cache = init_cache(model, batch_size=2, max_length=20)
-    logits, variables = model.apply({"params": params, "cache": cache}, tokens[:, :6], decode=True, mutable=["cache"])
+    # One compiled call per chunk shape (the prefill, then every single-token step).
+    decode = jax.jit(lambda variables, *inputs: model.apply(variables, *inputs, decode=True, mutable=["cache"]))
+    logits, variables = decode({"params": params, "cache": init_cache(model, batch_size=2, max_length=20)}, tokens[:, :6])
     chunks = [logits]
     for t in range(6, 16):
-        logits, variables = model.apply({"params": params, **variables}, tokens[:, t : t + 1], decode=True, mutable=["cache"])
+        logits, variables = decode({"params": params, **variables}, tokens[:, t : t + 1])
         chunks.append(logits)
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), full, atol=1e-5, rtol=0)
 
@@ -204,13 +205,11 @@ def test_cached_decoding_with_window_matches_full_forward(scan_layers):
     columns = jnp.broadcast_to(jnp.arange(16 + pad), padded.shape)
     positions, segment_ids = jnp.maximum(columns - pad, 0), (columns >= pad).astype(jnp.int32)
     cache = init_cache(model, batch_size=2, max_length=24)
-    logits, variables = model.apply({"params": params, "cache": cache}, padded[:, :8], positions[:, :8], segment_ids[:, :8],
-                                    decode=True, mutable=["cache"])
+    logits, variables = decode({"params": params, "cache": cache}, padded[:, :8], positions[:, :8], segment_ids[:, :8])
     chunks = [logits]
     for t in range(8, 16 + pad):
         step = slice(t, t + 1)
-        logits, variables = model.apply({"params": params, **variables}, padded[:, step], positions[:, step], segment_ids[:, step],
-                                        decode=True, mutable=["cache"])
+        logits, variables = decode({"params": params, **variables}, padded[:, step], positions[:, step], segment_ids[:, step])
         chunks.append(logits)
     np.testing.assert_allclose(np.concatenate(chunks, axis=1)[:, pad:], full, atol=1e-5, rtol=0)
 
