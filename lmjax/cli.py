@@ -90,12 +90,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_import_hf(args) -> int:
-    from lmjax.hf.interop import import_hf, imported_record
+    from lmjax.hf.interop import import_hf
 
-    out = import_hf(Path(args.hf_dir), Path(args.out), args.overrides)
-    record = imported_record(out)
-    print(f"{record['architecture']} ({record['parameters']:,} parameters, {record['dtype']}) -> {out}")
-    print(f"tokenizer: {record['tokenizer_note']}")
+    import jax
+
+    record = import_hf(Path(args.hf_dir), Path(args.out), args.overrides)
+    if jax.process_index() == 0:
+        print(f"{record['architecture']} ({record['parameters']:,} parameters, {record['dtype']}) -> {args.out}")
+        print(f"tokenizer: {record['tokenizer_note']}")
     return 0
 
 

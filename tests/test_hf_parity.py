@@ -143,6 +143,9 @@ def test_logits_equal_transformers_and_export_round_trips(case, tmp_path):
     (["model.family=moe", "model.moe.router_scores=sigmoid"], "model.moe.router_scores"),
     (["model.style=gpt2", "model.n_kv_heads=2"], "model.n_kv_heads"),
     (["model.style=llama", "model.positions=learned"], "model.style"),
+    (["model.family=t5", "model.style=t5", "model.feed_forward=gelu", "train.objective=seq2seq"], "model.feed_forward"),
+    (["model.style=gpt2", "model.sliding_window=8"], "model.sliding_window"),
+    (["model.family=encoder", "model.style=bert", "model.feed_forward=relu", "train.objective=mlm"], "model.style"),
 ])
 def test_export_refuses_a_model_transformers_cannot_compute(overrides, option):
     """An lmjax model with no Hugging Face equivalent is refused (before anything is written)."""
@@ -196,7 +199,8 @@ def test_export_reads_a_run_whose_mesh_does_not_fit_these_devices(tmp_path):
     """A run trained on one device (mesh.data=1) exports from a process with 8 devices."""
     hf = random_hf_model("gpt2")
     hf.save_pretrained(tmp_path / "hf")
-    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    run = tmp_path / "run"
     config = (run / "config.yaml").read_text()
     assert "  data: -1\n" in config
     (run / "config.yaml").write_text(config.replace("  data: -1\n", "  data: 1\n"))
@@ -255,12 +259,61 @@ def test_reads_both_file_layouts(tmp_path):
     feed = inputs("t5_original")
     np.testing.assert_allclose(np.asarray(load_model(tmp_path / "t5").logits(**feed)), hf_logits(hf, feed), atol=1e-4, rtol=0)
 
-    # Mixtral's experts fused, as transformers 5's modules hold them.
+    # Mixtral's experts fused, as transformers 5's modules hold them; config.json without its RoPE
+    # keys (transformers' Mixtral default theta is 1e6, not LLaMA's 1e4).
     hf = random_hf_model("mixtral_top2")
     hf.save_pretrained(tmp_path / "mixtral")
+    config = json.loads((tmp_path / "mixtral" / "config.json").read_text())
+    assert config.pop("rope_parameters") == {"rope_theta": 1e6, "rope_type": "default"}
+    (tmp_path / "mixtral" / "config.json").write_text(json.dumps(config))
     state = {name: p.contiguous() for name, p in hf.state_dict().items()}
     assert "model.layers.0.mlp.experts.gate_up_proj" in state
     (tmp_path / "mixtral" / "model.safetensors").unlink()
     save_file(state, tmp_path / "mixtral" / "model.safetensors", metadata={"format": "pt"})
     feed = inputs("mixtral_top2")
     np.testing.assert_allclose(np.asarray(load_model(tmp_path / "mixtral").logits(**feed)), hf_logits(hf, feed), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_and_mixed_precision_files_round_trip_bit_for_bit(tmp_path):
+    """bfloat16 weights with float32 norms (as many checkpoints are stored) import exactly and
+    export back in each tensor's own dtype."""
+    hf = random_hf_model("llama_gqa_llama3_rope").to(torch.bfloat16)
+    with torch.no_grad():
+        for name, module in hf.named_modules():
+            if name.endswith("norm"):
+                module.weight.data = module.weight.data.float()
+    hf.save_pretrained(tmp_path / "hf")
+    source = tensors(tmp_path / "hf")
+    assert {a.dtype.name for a in source.values()} == {"bfloat16", "float32"}
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    assert load_model(tmp_path / "run").config.model.param_dtype == "float32"  # both widen exactly
+    export_hf(tmp_path / "run", tmp_path / "out")
+    exported = tensors(tmp_path / "out")
+    assert set(exported) == set(source)
+    for name, array in source.items():
+        assert exported[name].dtype == array.dtype and np.array_equal(exported[name].view(np.uint8), array.view(np.uint8)), name
+
+
+def test_an_encoder_without_token_types_exports_as_bert(tmp_path):
+    """lmjax's BERT-style encoder with no token types (model.type_vocab_size 0) is BertForMaskedLM
+    with one all-zero type row: transformers computes lmjax's logits."""
+    import json
+
+    from lmjax.hf.convert import export_tensors
+    from lmjax.hf.configs import hf_config
+    from lmjax.hf.safetensors_io import write_safetensors
+    from lmjax.models import build_model
+
+    cfg = load_config(None, ["model.family=encoder", "model.style=bert", "train.objective=mlm", f"model.vocab_size={V}", "model.d_model=32",
+                             "model.n_heads=4", "model.n_layers=2", "model.d_ff=48", "model.max_seq_len=32", "model.type_vocab_size=0", "data.seq_len=32"])
+    module = build_model(cfg.model)
+    params = module.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
+    import flax.linen as nn
+
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), nn.unbox(params))  # norms and biases off 1/0
+    write_safetensors(tmp_path / "out", export_tensors("bert", cfg.model, params, "float32"))
+    (tmp_path / "out" / "config.json").write_text(json.dumps(hf_config(cfg.model, "float32", {})))
+    reloaded = transformers.BertForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    ids = np.random.default_rng(3).integers(0, V, (2, 16))
+    expected = hf_logits(reloaded, {"input_ids": ids})
+    np.testing.assert_allclose(np.asarray(module.apply({"params": params}, ids)), expected, atol=1e-4, rtol=0)

@@ -54,60 +54,70 @@ def _expect(hf: dict, where: str, option: str, allowed: tuple, default: Any = No
     return value
 
 
-def _rope(hf: dict, where: str) -> tuple[float, dict[str, Any]]:
+# transformers' defaults of keys a config.json may leave out, where the architectures differ.
+_DEFAULT_THETA = {"mixtral": 1e6}
+_DEFAULT_RMS_EPS = {"mixtral": 1e-5}
+_DEFAULT_WINDOW = {"mistral": 4096}  # MistralConfig's; Mixtral's is None and LLaMA has no window
+
+
+def _rope(hf: dict, where: str, model_type: str) -> tuple[float, dict[str, Any]]:
     """(rope_theta, lmjax rope_scaling section) from transformers 5's `rope_parameters` or 4's
     `rope_theta` + `rope_scaling`."""
     scaling = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    theta = float(scaling.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(scaling.get("rope_theta", hf.get("rope_theta", _DEFAULT_THETA.get(model_type, 10000.0))))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise _refuse(where, "partial_rotary_factor", scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor")), "1.0")
     if kind == "default":
         return theta, {"kind": "none"}
+    if kind not in ("linear", "llama3"):
+        raise _refuse(where, "rope_parameters.rope_type", kind, "'default', 'linear' or 'llama3'")
+    if "factor" not in scaling:
+        raise HFConfigError(f"{where}: rope_parameters.factor is missing; {kind} RoPE scaling needs it")
     if kind == "linear":
         return theta, {"kind": "linear", "factor": float(scaling["factor"])}
-    if kind == "llama3":
-        return theta, {
-            "kind": "llama3", "factor": float(scaling["factor"]), "low_freq_factor": float(scaling["low_freq_factor"]),
-            "high_freq_factor": float(scaling["high_freq_factor"]),
-            "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
-        }
-    raise _refuse(where, "rope_parameters.rope_type", kind, "'default', 'linear' or 'llama3'")
+    return theta, {
+        "kind": "llama3", "factor": float(scaling["factor"]), "low_freq_factor": float(scaling.get("low_freq_factor", 1.0)),
+        "high_freq_factor": float(scaling.get("high_freq_factor", 4.0)),
+        # transformers falls back on max_position_embeddings, as here
+        "original_max_position_embeddings": int(scaling.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))),
+    }
 
 
-def _llama_like(hf: dict, where: str) -> dict[str, Any]:
+def _llama_like(hf: dict, where: str, model_type: str = "llama") -> dict[str, Any]:
     _expect(hf, where, "hidden_act", ("silu",), "silu")
     _expect(hf, where, "attention_bias", (False, None))
     _expect(hf, where, "mlp_bias", (False, None))
-    theta, scaling = _rope(hf, where)
+    theta, scaling = _rope(hf, where, model_type)
     heads = hf["num_attention_heads"]
     model = {
         "family": "dense", "style": "llama", "vocab_size": hf["vocab_size"], "d_model": hf["hidden_size"],
         "n_layers": hf["num_hidden_layers"], "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
         "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads, "d_ff": hf["intermediate_size"],
         "max_seq_len": hf.get("max_position_embeddings", 2048), "rope_theta": theta, "rope_scaling": scaling,
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "norm_eps": float(hf.get("rms_norm_eps", _DEFAULT_RMS_EPS.get(model_type, 1e-6))),
     }
-    window = hf.get("sliding_window")
-    if window is not None and hf.get("use_sliding_window", True):
+    window = hf.get("sliding_window", _DEFAULT_WINDOW.get(model_type)) if model_type in ("mistral", "mixtral") else None
+    if window is not None:  # LLaMA has no window: transformers ignores the key there
         model["sliding_window"] = int(window)
     return model
 
 
-def _mixtral(hf: dict, where: str) -> dict[str, Any]:
-    model = _llama_like(hf, where)
+def _mixtral(hf: dict, where: str, model_type: str = "mixtral") -> dict[str, Any]:
+    model = _llama_like(hf, where, model_type)
     if hf["num_experts_per_tok"] < 2:  # a renormalised single gate is always 1: lmjax refuses to train that router
         raise _refuse(where, "num_experts_per_tok", hf["num_experts_per_tok"], "2 or more (lmjax's top-1 routing keeps the softmax gate)")
     model["family"] = "moe"
     model["moe"] = {
         "n_experts": hf["num_local_experts"], "top_k": hf["num_experts_per_tok"], "d_ff_expert": hf["intermediate_size"],
         "n_shared_experts": 0, "first_dense_layers": 0, "interval": 1, "router_scores": "softmax", "renormalize": True,
-        "dispatch": "dropless", "load_balance_loss": float(hf.get("router_aux_loss_coef", 0.02)),
+        "dispatch": "dropless", "load_balance_loss": float(hf.get("router_aux_loss_coef", 0.001)),
     }
     return model
 
 
-def _gpt2(hf: dict, where: str) -> dict[str, Any]:
+def _gpt2(hf: dict, where: str, model_type: str = "gpt2") -> dict[str, Any]:
     # gelu_new and gelu_pytorch_tanh are the same tanh approximation, lmjax's in gpt2 style.
     _expect(hf, where, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
     _expect(hf, where, "scale_attn_weights", (True,), True)
@@ -121,7 +131,7 @@ def _gpt2(hf: dict, where: str) -> dict[str, Any]:
     }
 
 
-def _bert(hf: dict, where: str) -> dict[str, Any]:
+def _bert(hf: dict, where: str, model_type: str = "bert") -> dict[str, Any]:
     _expect(hf, where, "hidden_act", ("gelu",), "gelu")
     _expect(hf, where, "position_embedding_type", ("absolute",), "absolute")
     _expect(hf, where, "is_decoder", (False,), False)
@@ -141,7 +151,7 @@ def t5_scales_output(hf: dict) -> bool:
     return bool(hf.get("tie_word_embeddings", True))
 
 
-def _t5(hf: dict, where: str) -> dict[str, Any]:
+def _t5(hf: dict, where: str, model_type: str = "t5") -> dict[str, Any]:
     projection = _expect(hf, where, "feed_forward_proj", ("gated-gelu", "relu"), "relu")
     return {
         "family": "t5", "style": "t5", "vocab_size": hf["vocab_size"], "d_model": hf["d_model"], "n_layers": hf["num_layers"],
@@ -159,7 +169,8 @@ _READERS = {"llama": _llama_like, "mistral": _llama_like, "mixtral": _mixtral, "
 
 def model_section(hf: dict, where: str) -> dict[str, Any]:
     """lmjax's `model` section (a tree for `lmjax.config.build`) computing what `hf` describes."""
-    return _READERS[model_type_of(hf, where)](hf, where)
+    model_type = model_type_of(hf, where)
+    return _READERS[model_type](hf, where, model_type)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -173,16 +184,23 @@ def _transformers_major() -> int:
 
 
 def export_model_type(model: ModelConfig) -> str:
-    """The Hugging Face architecture an lmjax model is written as; one-line error when none computes the same."""
+    """The Hugging Face architecture an lmjax model is written as; one-line error when none computes
+    the same (checked before anything is written)."""
 
     def refuse(key: str, value: Any, why: str) -> HFConfigError:
         return HFConfigError(f"model.{key}={value!r}: {why}; this model has no Hugging Face equivalent lmjax can write")
 
+    if model.sliding_window and (model.style != "llama" or model.family not in ("dense", "moe")):
+        raise refuse("sliding_window", model.sliding_window, "only Mistral and Mixtral (llama style) have a sliding window")
     if model.family == "t5":
+        if model.ffn not in ("gated_gelu", "relu"):
+            raise refuse("feed_forward", model.ffn, "T5ForConditionalGeneration has gated-gelu or relu feed-forwards")
         return "t5"
     if model.family == "encoder":
-        if model.style != "bert" or not model.post_norm or model.use_rope:
-            raise refuse("style", model.style, "BertForMaskedLM is BERT style (post-norm, learned positions)")
+        if model.style != "bert" or not model.post_norm or model.use_rope or model.ffn != "gelu":
+            raise refuse("style", model.style, "BertForMaskedLM is BERT style (post-norm, learned positions, an erf-GELU MLP)")
+        if model.n_heads != model.kv_heads or model.head_size * model.n_heads != model.d_model:
+            raise refuse("n_kv_heads", model.kv_heads, "BERT has n_heads key/value heads of d_model / n_heads")
         return "bert"
     if model.style == "gpt2":
         if model.use_rope or model.ffn != "gelu" or model.family != "dense":
@@ -237,7 +255,8 @@ def hf_config(model: ModelConfig, dtype: str, token_ids: dict[str, int | None]) 
                 "tie_word_embeddings": model.tie_embeddings}
     if model_type == "bert":
         return {**common, "hidden_size": model.d_model, "num_hidden_layers": model.n_layers, "num_attention_heads": model.n_heads,
-                "intermediate_size": model.d_ff, "max_position_embeddings": model.max_seq_len, "type_vocab_size": model.type_vocab_size,
+                # no token types in lmjax: one all-zero type row (weights.py) adds nothing
+                "intermediate_size": model.d_ff, "max_position_embeddings": model.max_seq_len, "type_vocab_size": max(1, model.type_vocab_size),
                 "hidden_act": "gelu", "layer_norm_eps": model.norm_eps, "position_embedding_type": "absolute",
                 "tie_word_embeddings": model.tie_embeddings}
     t5 = {**common, "d_model": model.d_model, "d_kv": model.head_size, "d_ff": model.d_ff, "num_layers": model.n_layers,
@@ -245,8 +264,6 @@ def hf_config(model: ModelConfig, dtype: str, token_ids: dict[str, int | None]) 
           "relative_attention_max_distance": model.relative_max_distance, "layer_norm_epsilon": model.norm_eps,
           "feed_forward_proj": "gated-gelu" if model.ffn == "gated_gelu" else "relu", "is_encoder_decoder": True,
           "tie_word_embeddings": model.tie_embeddings}
-    if model.ffn not in ("gated_gelu", "relu"):
-        raise HFConfigError(f"model.feed_forward={model.ffn!r}: T5ForConditionalGeneration has gated-gelu or relu feed-forwards")
     if _transformers_major() >= 5:
         t5["scale_decoder_outputs"] = model.tie_embeddings
     return t5

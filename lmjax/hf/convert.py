@@ -1,15 +1,15 @@
 """Hugging Face weights <-> lmjax parameters, streamed one tensor at a time.
 
-Import: every lmjax parameter is built with `jax.make_array_from_callback` onto its sharding; the
-callback reads, for the device shard it is asked for, the Hugging Face tensors of the layers that
-shard covers and transforms them (`lmjax.hf.weights`). Only per-layer tensors pass through host
-memory (a small cache keeps them while the devices of one parameter ask for the same layer), never
+Import: every lmjax parameter is assembled from the shards its sharding puts on this host's
+devices (`jax.make_array_from_single_device_arrays`). A stacked parameter is read layer by layer:
+each layer's Hugging Face tensors are read once, transformed (`lmjax.hf.weights`) and copied into
+the shards that hold it. Host memory holds this host's part of one parameter plus one layer, never
 the whole model: a model larger than one host converts on a mesh, each host reading what its
 devices hold. The files are checked first (every tensor present, none extra, every shape right),
 so a mismatched checkpoint is refused before anything is loaded.
 
-Export: link by link, each lmjax parameter's layer is fetched to the host, transformed and handed
-to the shard writer, which keeps one output shard in memory at a time.
+Export: link by link, each lmjax parameter's layer is fetched to the host (gathered across hosts),
+transformed and handed to the shard writer, which keeps one output shard in memory at a time.
 """
 
 from __future__ import annotations
@@ -127,27 +127,39 @@ class _LayerCache:
 
 
 def load_params(checkpoint: SafetensorsCheckpoint, plan: _Plan, abstract_params: Any) -> Any:
-    """The parameters, each built shard by shard on the sharding `abstract_params` gives it."""
-    cache = _LayerCache(LAYER_CACHE_BYTES)
+    """The parameters, each put shard by shard on the devices of this host that its sharding
+    (from `abstract_params`) names. A stacked parameter is read layer by layer, each layer once per
+    host, into the shards that hold it; host memory peaks at this host's part of one parameter."""
+    cache = _LayerCache(LAYER_CACHE_BYTES)  # a fused link (GPT-2's c_attn) feeds several parameters
 
-    def values(link: Link) -> tuple[np.ndarray, ...]:
-        return cache.get(id(link), lambda: link.to_lmjax(*(checkpoint.read(name) for name in link.hf)))
+    def value(leaf: str, layer: int | None) -> np.ndarray:
+        link, k = plan.sources[leaf][layer]
+        return cache.get((id(link)), lambda: link.to_lmjax(*(checkpoint.read(name) for name in link.hf)))[k]
 
     def build(leaf: str, spec: jax.ShapeDtypeStruct) -> jax.Array:
-        sources, dtype = plan.sources[leaf], np.dtype(spec.dtype)
-
-        def shard(index: tuple[slice, ...]) -> np.ndarray:
-            if None in sources:
-                link, k = sources[None]
-                return np.asarray(values(link)[k][index], dtype)
-            layers = range(*index[0].indices(spec.shape[0]))
-            return np.stack([np.asarray(values(sources[i][0])[sources[i][1]][index[1:]], dtype) for i in layers])
-
-        return jax.make_array_from_callback(spec.shape, spec.sharding, shard)
+        dtype, indices = np.dtype(spec.dtype), spec.sharding.addressable_devices_indices_map(spec.shape)
+        if None in plan.sources[leaf]:
+            whole = value(leaf, None)
+            shards = {device: np.asarray(whole[index], dtype) for device, index in indices.items()}
+        else:
+            layers = {device: range(*index[0].indices(spec.shape[0])) for device, index in indices.items()}
+            shards = {device: np.empty((len(layers[device]), *whole_shape(index[1:], spec.shape[1:])), dtype) for device, index in indices.items()}
+            for layer in sorted(set().union(*layers.values())):
+                per_layer = value(leaf, layer)
+                for device, index in indices.items():
+                    if layer in layers[device]:
+                        shards[device][layers[device].index(layer)] = per_layer[index[1:]]
+        arrays = [jax.device_put(shards[device], device) for device in indices]
+        return jax.make_array_from_single_device_arrays(spec.shape, spec.sharding, arrays)
 
     flat = _flat(abstract_params)
     params = {leaf: build(leaf, spec) for leaf, spec in flat.items()}
     return traverse_util.unflatten_dict(params, sep="/")
+
+
+def whole_shape(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of `array[index]` for an array of `shape` (slices with unit steps)."""
+    return tuple(len(range(*i.indices(n))) for i, n in zip(index, shape))
 
 
 def _host(array: jax.Array) -> np.ndarray:
@@ -156,16 +168,36 @@ def _host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def export_tensors(model_type: str, model: ModelConfig, params: Any, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) of every Hugging Face tensor of `params`, one link at a time, in `dtype`."""
-    flat, out_dtype = _flat(params), FLOAT_DTYPES[dtype]
-    for link in links_for(model_type, model):
+def export_tensors(model_type: str, model: ModelConfig, params: Any, dtype: str,
+                   dtypes: dict[str, str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of every Hugging Face tensor of `params`, one link at a time, in `dtype` (or
+    the per-tensor `dtypes`, e.g. the ones an import came with). Refuses a model any of whose
+    parameters no tensor would carry, before yielding anything."""
+    flat, dtypes = _flat(params), dtypes or {}
+    links = links_for(model_type, model)
+    _Plan(links, model, flat)  # every parameter has its tensor: nothing is silently left out
+    for link in links:
         arrays = []
         for path in link.lmjax:
             leaf, layer = locate(path, model)
             arrays.append(_host(flat[leaf] if layer is None else flat[leaf][layer]))
         for name, array in zip(link.hf, link.to_hf(*arrays)):
-            yield name, np.ascontiguousarray(array.astype(out_dtype))
+            yield name, np.ascontiguousarray(array.astype(FLOAT_DTYPES[dtypes.get(name, dtype)]))
+
+
+def file_dtypes(checkpoint: SafetensorsCheckpoint, plan: _Plan) -> tuple[str, dict[str, str]]:
+    """(the dtype most weights are stored in, the tensors stored otherwise): export writes them back alike."""
+    names = [name for link in plan.links for name in link.hf]
+    by_name = {name: _dtype_name(checkpoint.dtype(name)) for name in names}
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[by_name[name]] = counts.get(by_name[name], 0) + math.prod(checkpoint.shape(name))
+    main = max(counts, key=counts.get)
+    return main, {name: d for name, d in by_name.items() if d != main}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    return next(name for name, d in FLOAT_DTYPES.items() if d == dtype)
 
 
 def parameter_count(abstract_params: Any) -> int:

@@ -112,8 +112,9 @@ def load_hf_params(hf_dir: str | Path, cfg: Config, abstract_params: Any) -> Any
         return convert.load_params(checkpoint, plan, abstract_params)
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """Writes the run directory `out` from the Hugging Face directory `hf_dir`; returns `out`."""
+def import_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Writes the run directory `out` from the Hugging Face directory `hf_dir`; returns what
+    `imported.json` records (architecture, parameters, dtypes, tokenizer, special token ids)."""
     from lmjax.config import save_config
     from lmjax.evaluate import reader_overrides
     from lmjax.train.checkpoint import Checkpointer
@@ -129,15 +130,29 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] | tuple[
 
     abstract = reading_setup().factory.abstract().params
     checkpoint, plan = convert.open_checked(hf_dir, model_type, cfg.model, hf, abstract)
+    is_main = jax.process_index() == 0
     with checkpoint:
+        file_dtype, tensor_dtypes = convert.file_dtypes(checkpoint, plan)
         dtype = convert.source_dtype(checkpoint, plan)  # the files' precision: bfloat16 stays bfloat16
+        if any(o.startswith("model.param_dtype=") for o in overrides):  # unless the user chose
+            dtype = cfg.model.param_dtype
         cfg = replace(cfg, **{"model.param_dtype": dtype})
+        tokenizer = sentencepiece_file(hf_dir)
+        record = {
+            "source": str(hf_dir), "model_type": model_type, "architecture": ARCHITECTURES[model_type], "dtype": dtype,
+            "file_dtype": file_dtype, "tensor_dtypes": tensor_dtypes, "parameters": convert.parameter_count(abstract),
+            "tokenizer": "tokenizer.model" if tokenizer else None,
+            "tokenizer_note": f"sentencepiece model {tokenizer.name}" if tokenizer else
+            f"{hf_dir} has no sentencepiece model ({' or '.join(SENTENCEPIECE_FILES)}); lmjax tokenizes with sentencepiece only, "
+            "so eval, generate and training need token ids or another tokenizer",
+            **{key: hf.get(key) for key in TOKEN_ID_KEYS if key in hf},
+        }
+        if is_main:  # the marker first: a directory an import left unfinished is never taken for a training run
+            out.mkdir(parents=True, exist_ok=True)
+            (out / IMPORTED).write_text(json.dumps({**record, "complete": False}, indent=2) + "\n")
         abstract = reading_setup(f"model.param_dtype={dtype}").factory.abstract().params
         params = convert.load_params(checkpoint, plan, abstract)
-    tokenizer = sentencepiece_file(hf_dir)
-    is_main = jax.process_index() == 0
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, out / "tokenizer.model")
             cfg = replace(cfg, **{"data.tokenizer.path": str(out / "tokenizer.model")})
@@ -146,18 +161,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] | tuple[
     checkpointer.save(0, {"params": params}, {"imported_from": str(hf_dir)})
     checkpointer.wait()
     checkpointer.close()
-    record = {
-        "source": str(hf_dir), "model_type": model_type, "architecture": ARCHITECTURES[model_type], "dtype": dtype,
-        "parameters": convert.parameter_count(abstract),
-        "tokenizer": "tokenizer.model" if tokenizer else None,
-        "tokenizer_note": f"sentencepiece model {tokenizer.name}" if tokenizer else
-        f"{hf_dir} has no sentencepiece model ({' or '.join(SENTENCEPIECE_FILES)}); lmjax tokenizes with sentencepiece only, "
-        "so eval, generate and training need token ids or another tokenizer",
-        **{key: hf.get(key) for key in TOKEN_ID_KEYS if key in hf},
-    }
     if is_main:
-        (out / IMPORTED).write_text(json.dumps(record, indent=2) + "\n")
-    return out
+        (out / IMPORTED).write_text(json.dumps({**record, "complete": True}, indent=2) + "\n")
+    return record
 
 
 def imported_record(run_dir: Path) -> dict[str, Any] | None:
@@ -179,18 +185,21 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, dty
     run = load_run(run_dir, [*reader_overrides(jax.device_count()), *overrides], step=step)
     model = run.cfg.model
     model_type = export_model_type(model)  # refuses before anything is written
+    record, tensor_dtypes = imported_record(run_dir), {}
+    if dtype is None and record is not None and "file_dtype" in record:  # an imported run goes back as it came
+        dtype, tensor_dtypes = record["file_dtype"], record.get("tensor_dtypes", {})
     dtype = dtype or model.param_dtype
     if dtype not in convert.FLOAT_DTYPES:
         raise CheckpointError(f"--dtype {dtype}: expected one of {', '.join(convert.FLOAT_DTYPES)}")
-    token_ids = _token_ids(run_dir, model_type)
-    tensors = convert.export_tensors(model_type, model, run.params, dtype)
+    config = hf_config(model, dtype, _token_ids(run_dir, model_type))  # any refusal comes before a file is written
+    tensors = convert.export_tensors(model_type, model, run.params, dtype, tensor_dtypes)
     if jax.process_index() != 0:
         for _ in tensors:  # every host takes part in the gathers; the first one writes
             pass
         return out
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out, tensors, max_shard_bytes=max_shard_bytes)
-    (out / "config.json").write_text(json.dumps(hf_config(model, dtype, token_ids), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if (run_dir / "tokenizer.model").is_file():
         shutil.copyfile(run_dir / "tokenizer.model", out / ("spiece.model" if model_type == "t5" else "tokenizer.model"))
     return out

@@ -187,13 +187,22 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def _model_class(d: Path) -> str:
+    """The transformers class config.json names (the whole model, head included: `AutoModel` would
+    save the base model without it), else the Auto class of causal LMs."""
+    try:
+        return json.loads((d / "config.json").read_text())["architectures"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "AutoModelForCausalLM"
+
+
 def _refuse_without_safetensors(d: Path) -> NoReturn:
     pickled = sorted({p.name for pattern in PICKLE_PATTERNS for p in d.glob(pattern)})
     if pickled:
         raise CheckpointError(
             f"{d}: holds only pickled weights ({', '.join(pickled)}); lmjax reads safetensors only, because "
             f"unpickling a downloaded file runs its code. If you trust the file, convert it once: python -c "
-            f"\"from transformers import AutoModel as M; M.from_pretrained('{d}').save_pretrained('{d}-safetensors')\"")
+            f"\"import transformers as t; t.{_model_class(d)}.from_pretrained('{d}').save_pretrained('{d}-safetensors')\"")
     raise CheckpointError(f"{d}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 

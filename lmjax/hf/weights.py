@@ -147,18 +147,23 @@ def _bert(m: ModelConfig, names: set[str] | None) -> list[Link]:
     shapes, d, v = _attention_shapes(m), m.d_model, m.vocab_size
     e = f"{prefix}embeddings"
     links = [same("embed/embedding", f"{e}.word_embeddings.weight"), same("position_embedding", f"{e}.position_embeddings.weight"),
-             same("token_type_embedding", f"{e}.token_type_embeddings.weight"), *norm("embed_norm", f"{e}.LayerNorm", True, ln),
+             *norm("embed_norm", f"{e}.LayerNorm", True, ln),
              linear("head_dense/kernel", "cls.predictions.transform.dense.weight", (d, d)),
              same("head_dense/bias", "cls.predictions.transform.dense.bias"),
              *norm("head_norm", "cls.predictions.transform.LayerNorm", True, ln)]
-    if m.tie_embeddings or (names is not None and "cls.predictions.decoder.bias" not in names):
+    if (names is None and m.tie_embeddings) or (names is not None and "cls.predictions.decoder.bias" not in names):
         links.append(same("output_bias", "cls.predictions.bias"))
     else:
-        # Untied, transformers 5 adds `decoder.bias` and leaves `cls.predictions.bias` unused (4 tied
-        # the two): read the one it uses, write both.
+        # transformers 5 adds the bias of the `decoder` Linear, tied to `cls.predictions.bias` unless
+        # the files give them different values (or the head is untied): it computes with
+        # `decoder.bias`, so lmjax reads that one, and writes both for an untied head.
         links.append(Link(("output_bias",), ("cls.predictions.decoder.bias", "cls.predictions.bias"), lambda used, _: (used,), lambda b: (b, b)))
     if not m.tie_embeddings:
         links.append(linear("unembed", "cls.predictions.decoder.weight", (d, v)))
+    if m.type_vocab_size:
+        links.append(same("token_type_embedding", f"{e}.token_type_embeddings.weight"))
+    else:  # an encoder without token types is BERT with one all-zero type row (export only)
+        links.append(Link((), (f"{e}.token_type_embeddings.weight",), lambda _: (), lambda: (np.zeros((1, d), np.float32),)))
     for i in range(m.n_layers):
         hf, lj = f"{prefix}encoder.layer.{i}", f"layer_{i}"
         for ours in ("query", "key", "value"):

@@ -97,7 +97,10 @@ class Checkpointer:
             ) from None
         if abstract_frozen is None:
             return restored["params"]
-        return restored["params"], restored.get("frozen", abstract_frozen)
+        if abstract_frozen and "frozen" not in restored:
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} has no frozen state (e.g. a DPO reference); "
+                                  "it was not written by a run of this objective")
+        return restored["params"], restored.get("frozen", {})
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
