@@ -82,7 +82,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, out: str | None = N
     tokens_per_step = cfg.data.global_batch_size * setup.task.tokens_per_row()
     step_time = statistics.median(times)
     # matmul FLOPs, no embedding gather
-    flops_per_token = flops.model_flops_per_token(cfg.model, cfg.data.seq_len, setup.task.decoder_len())
+    flops_per_token = flops.model_flops_per_token(cfg.model, cfg.data.seq_len, setup.task.decoder_len(), setup.task.forward_passes())
     peak, peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype)
     tokens_per_sec = tokens_per_step / step_time
     memory, memory_source = _peak_memory()

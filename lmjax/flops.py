@@ -176,13 +176,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int | None = No
     return 3.0 * sum(_model_forward_terms(cfg, seq_len, decoder_len).values()) / _tokens(seq_len, decoder_len)
 
 
-def model_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int | None = None) -> float:
+def model_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int | None = None, forward_passes: float = 3.0) -> float:
     """Training FLOPs per token that the hardware executes as matmuls: the Chinchilla count less
     its embedding terms, which are table lookups (a gather, no FLOPs). MFU and TFLOP/s use this
-    (PaLM, Chowdhery et al. 2022, appendix B); compute budgets keep Chinchilla's count."""
+    (PaLM, Chowdhery et al. 2022, appendix B); compute budgets keep Chinchilla's count.
+    `forward_passes`: forward-pass equivalents per trained token, 3 (forward + backward) plus any
+    forward pass a task adds (`Task.forward_passes`: DPO's reference model)."""
     terms = _model_forward_terms(cfg, seq_len, decoder_len)
     matmuls = sum(v for k, v in terms.items() if not k.endswith("embedding"))
-    return 3.0 * matmuls / _tokens(seq_len, decoder_len)
+    return forward_passes * matmuls / _tokens(seq_len, decoder_len)
 
 
 def six_n_flops_per_token(cfg: ModelConfig, include_embedding: bool = True) -> float:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmjax import flops
 from lmjax.config import ConfigError, load_config
 from lmjax.data.corpus import DataError
 from lmjax.data.post_training import build_preference_data
@@ -390,6 +391,12 @@ def test_precomputed_reference_equals_the_model_reference_and_resumes_exactly(mo
         np.testing.assert_allclose(precomputed[1][key], with_model[1][key], rtol=1e-6, atol=1e-6, err_msg=key)
     for step in range(2, STEPS + 1):
         np.testing.assert_allclose(precomputed[step]["loss"], with_model[step]["loss"], rtol=1e-4)
+    # TFLOP/s and MFU count the reference's forward pass when it runs in the step: 4 forward-pass
+    # equivalents per trained token instead of the policy's 3 (forward + backward).
+    policy_only = flops.model_flops_per_token(cfg.model, cfg.data.seq_len)
+    summaries = {name: json.loads((d / "summary.json").read_text()) for name, d in (("model", model_run), ("precomputed", run_dir))}
+    assert summaries["precomputed"]["model_flops_per_token"] == pytest.approx(policy_only, rel=1e-12)
+    assert summaries["model"]["model_flops_per_token"] == pytest.approx(policy_only * 4 / 3, rel=1e-12)
 
     # reference_logps.npz: every pair's log-probabilities under the initial parameters.
     with np.load(run_dir / REFERENCE_FILE) as saved:

@@ -102,6 +102,11 @@ class Task(abc.ABC):
         of throughput and of `lmjax.flops`' per-token counts."""
         return self.cfg.data.seq_len + (self.decoder_len() or 0)
 
+    def forward_passes(self) -> float:
+        """Forward-pass equivalents of compute per trained token, for TFLOP/s and MFU: 3 (the
+        forward pass and a backward pass of twice its cost)."""
+        return 3.0
+
     def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
         return batch["tokens"], batch["positions"], batch["segment_ids"]
 

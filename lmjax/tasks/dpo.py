@@ -106,8 +106,13 @@ class DPOTask(Task):
         return build_preference_data(cfg)
 
     def tokens_per_row(self) -> int:
-        """A row pair is two rows the policy trains on (the reference's forward pass is not counted)."""
+        """A row pair is two rows the policy trains on."""
         return 2 * self.cfg.data.seq_len
+
+    def forward_passes(self) -> float:
+        """The policy's forward and backward passes, plus the frozen reference's forward pass when it
+        runs in the step (`dpo.reference: model`); precomputed log-probabilities cost nothing per step."""
+        return 3.0 if self.precomputed else 4.0
 
     def init_frozen(self, rng, params):
         return {} if self.precomputed else {"reference": params}  # the same boxes: sharded like the policy

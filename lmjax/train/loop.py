@@ -118,7 +118,7 @@ class Trainer:
         self.counts = flops.param_counts(cfg.model)
         lengths = (cfg.data.seq_len, task.decoder_len())
         self.flops_per_token = flops.flops_per_token(cfg.model, *lengths)  # Chinchilla count: budgets, summary
-        self.model_flops_per_token = flops.model_flops_per_token(cfg.model, *lengths)  # matmul FLOPs: TFLOP/s, MFU
+        self.model_flops_per_token = flops.model_flops_per_token(cfg.model, *lengths, task.forward_passes())  # matmul FLOPs: TFLOP/s, MFU
         self.peak, self.peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype)
         self.schedule = make_schedule(cfg)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
