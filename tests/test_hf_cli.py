@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import yaml
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+import torch  # noqa: E402  (the test extra; CI installs it: a missing install must fail, not skip)
+import transformers  # noqa: E402
+import safetensors.torch as safetensors_torch  # noqa: E402
 
 from flax import linen as nn  # noqa: E402
 
