@@ -25,7 +25,6 @@ import numpy as np
 import lmjax
 from lmjax import flops, sharding
 from lmjax.config import Config, to_dict
-from lmjax.data import build_data
 from lmjax.errors import UserError
 from lmjax.train.step import ModelSetup
 

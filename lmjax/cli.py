@@ -56,9 +56,12 @@ def _enable_compilation_cache() -> None:
 
 
 def cmd_train(args) -> int:
+    from lmjax import distributed
     from lmjax.train.loop import train
 
-    train(_load(args))
+    cfg = _load(args)
+    distributed.initialize(cfg.train.peer_timeout_s)  # its watchdog's timeout is the run's to choose
+    train(cfg)
     return 0
 
 
@@ -142,9 +145,11 @@ def cmd_preferences(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from lmjax.scaling.executors import make_executor, slurm_resources
     from lmjax.scaling.sweep import sweep_command
 
-    return sweep_command(args.sweep, args.overrides, args.plan_only)
+    executor = make_executor(args.executor, args.parallel, slurm_resources(args))
+    return sweep_command(args.sweep, args.overrides, args.plan_only, executor)
 
 
 def cmd_fit(args) -> int:
@@ -252,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep YAML (configs/sweeps/)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the sweep config (e.g. sweep_dir=...)")
     p.add_argument("--plan-only", action="store_true", help="print the plan and exit")
+    from lmjax.scaling.executors import EXECUTORS, add_slurm_arguments  # stdlib only: cheap at start-up
+
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: runs on this machine; slurm: one SLURM job array (one task per run), waited for, then the fit")
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help="local: N runs at once, each pinned to its own GPUs and CPU cores (default 1); "
+                   "slurm: at most N array tasks at once (default: no limit)")
+    add_slurm_arguments(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("fit", help="fit scaling laws (Chinchilla approaches 2 and 3) to finished runs")
@@ -263,37 +276,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    # Overrides may come before or after --flags: argparse leaves the later ones as extras.
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Overrides (key.path=value) may come before or after --flags: argparse leaves the later ones
+    as extras, which join `args.overrides`."""
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_with_overrides(build_parser(), argv)
+    from lmjax import distributed
+
     try:
         set_cpu_xla_defaults()
         _enable_compilation_cache()
-        if args.func in (cmd_train, cmd_eval, cmd_bench, cmd_import_hf, cmd_export_hf):  # the commands that run on the mesh
-            from lmjax import distributed
-
+        if args.func in (cmd_eval, cmd_bench, cmd_import_hf, cmd_export_hf):  # mesh commands (train: in cmd_train)
             distributed.initialize()
-        return args.func(args)
+        rc = args.func(args)
+        distributed.finalize()
+        return rc
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        distributed.announce_failure(str(e))
         return EXIT_USER_ERROR
     except Exception as e:
         from lmjax.errors import NonFiniteLossError
         from lmjax.train.loop import TrainingInterrupted
 
-        if isinstance(e, TrainingInterrupted):
+        if isinstance(e, TrainingInterrupted):  # every process stopped at the same step
+            distributed.finalize()
             print(str(e), file=sys.stderr)
             return 128 + e.signum
-        if isinstance(e, NonFiniteLossError):
+        if isinstance(e, NonFiniteLossError):  # seen by every process (the loss is replicated)
+            distributed.finalize()
             print(f"error: {e}", file=sys.stderr)
             return 1
-        raise
+        import jax
 
+        if isinstance(e, jax.errors.JaxRuntimeError):  # a collective failed: most likely a peer died
+            distributed.await_peer_verdict()
+        raise
 
 if __name__ == "__main__":
     sys.exit(main())

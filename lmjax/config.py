@@ -248,6 +248,9 @@ class TrainConfig:
     # A finished (or interrupted) lmjax run directory: training starts from its latest checkpoint's
     # parameters (fresh optimizer, step 0); its model config and tokenizer are used (lmjax/train/init_from.py).
     init_from: str | None = None
+    # Multi-process runs: a process whose peers stop sending heartbeats for this long exits with
+    # a one-line error naming the lost process (lmjax/distributed.py); jax's own timeout is later.
+    peer_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)

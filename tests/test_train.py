@@ -156,6 +156,18 @@ def test_rerun_of_finished_run_is_a_no_op(resume_setup, capsys):
     assert read_losses(root / "reference") == ref_losses
 
 
+def test_eval_in_micro_batches_equals_one_pass(resume_setup, capsys):
+    """Evaluation splits its batches like training (train.microbatches), holding one micro-batch's
+    logits at a time; the sums, hence the metrics, are the same."""
+    reference = resume_setup[0] / "reference"
+    results = []
+    for micro in (1, 2):
+        assert cli.main(["eval", str(reference), f"train.microbatches={micro}"]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    for key in ("eval_loss", "eval_bpb"):
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-6)
+
+
 def test_eval_and_generate_read_a_finished_run(resume_setup, capsys):
     from lmjax.data import build_data, load_tokenizer
 

@@ -4,132 +4,32 @@ sweep_dir/plan.json      the plan (`plan.py`); a rerun must plan exactly the sam
 sweep_dir/runs/<name>/   ordinary `lmjax train` run directories (+ train.log with their output)
 sweep_dir/fit.json, report.md, *.png          the fit of every finished run (`report.run_fit`)
 sweep_dir/holdout/, sweep_dir/prediction.json with predict.holdout_largest=true
+sweep_dir/slurm/         with --executor slurm: the job arrays' lists of runs and SLURM's logs
 
 Rerunning the command skips finished runs (summary.json with status "completed") and hands the
 rest to the executor; `lmjax train` resumes an interrupted run from its last checkpoint by itself.
-Executors only run runs: planning, bookkeeping and fitting stay here, so a cluster executor
-(one job per run) is one more `Executor` subclass.
+Executors (`executors.py`: local, N runs at once; SLURM job arrays; in-process) only run runs:
+planning, bookkeeping and fitting stay here.
 """
 
 from __future__ import annotations
 
-import abc
 import csv
 import json
 import math
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lmjax.config import ConfigError, load_config, save_config, to_dict
 from lmjax.errors import UserError
 from lmjax.fileio import read_completed_summary, write_json_atomic
+from lmjax.scaling.executors import Executor, InProcessExecutor, LocalExecutor  # noqa: F401 (re-exported)
 from lmjax.scaling.plan import PlannedRun, SweepPlan, format_number, format_table, load_sweep, plan_sweep
-
-CHILD_SHUTDOWN_SECONDS = 120  # after Ctrl-C, time a training subprocess gets to save its checkpoint
 
 
 class SweepError(UserError):
     """A sweep directory that cannot be used as asked."""
-
-
-# ----------------------------------------------------------------------------- executors
-
-
-class Executor(abc.ABC):
-    """Runs planned runs whose config.yaml is already in their run directory."""
-
-    @abc.abstractmethod
-    def execute(self, runs: Sequence[PlannedRun]) -> dict[str, str]:
-        """Runs every run to its end; returns {run name: why it failed} for the runs that failed.
-
-        A failed run must not stop the others. Ctrl-C (KeyboardInterrupt) stops the sweep.
-        """
-
-
-def _announce(i: int, n: int, run: PlannedRun) -> float:
-    print(f"[{i}/{n}] {run.name}: {run.steps} steps, {run.tokens:,} tokens ({run.run_dir}/train.log)", flush=True)
-    return time.perf_counter()
-
-
-def _report_done(run: PlannedRun, start: float) -> None:
-    summary = read_completed_summary(run.run_dir)
-    loss = f", eval loss {summary['final_eval_loss']:.4f}" if summary else ""
-    print(f"      done in {time.perf_counter() - start:.0f}s{loss}", flush=True)
-
-
-class LocalExecutor(Executor):
-    """One run after another, each in its own `python -m lmjax.cli train RUN_DIR/config.yaml` process.
-
-    A subprocess per run isolates crashes (and memory) of one run from the others; its output goes
-    to RUN_DIR/train.log (appended across attempts).
-    """
-
-    def __init__(self, python: str = sys.executable):
-        self.python = python
-
-    def execute(self, runs: Sequence[PlannedRun]) -> dict[str, str]:
-        failures = {}
-        for i, run in enumerate(runs, start=1):
-            start = _announce(i, len(runs), run)
-            rc = self._train(run)
-            if rc == 0:
-                _report_done(run, start)
-            else:
-                failures[run.name] = f"exit code {rc}: {_last_line(run.run_dir / 'train.log')}"
-                print(f"      failed: {failures[run.name]}", flush=True)
-        return failures
-
-    def _train(self, run: PlannedRun) -> int:
-        command = [self.python, "-m", "lmjax.cli", "train", str(run.run_dir / "config.yaml")]
-        with open(run.run_dir / "train.log", "a") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                return process.wait()
-            except KeyboardInterrupt:
-                # Let the run save a checkpoint and stop between steps (the trainer handles SIGINT).
-                process.send_signal(signal.SIGINT)
-                try:
-                    process.wait(timeout=CHILD_SHUTDOWN_SECONDS)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                raise
-
-
-class InProcessExecutor(Executor):
-    """One run after another in this process (`lmjax.train.loop.train`) on `devices` (default: all):
-    no start-up cost per run, but a run that crashes the interpreter stops the sweep."""
-
-    def __init__(self, devices: list | None = None):
-        self.devices = devices
-
-    def execute(self, runs: Sequence[PlannedRun]) -> dict[str, str]:
-        from lmjax.train.loop import TrainingInterrupted, train
-
-        failures = {}
-        for i, run in enumerate(runs, start=1):
-            start = _announce(i, len(runs), run)
-            try:
-                train(run.config, devices=self.devices)
-            except TrainingInterrupted:
-                raise KeyboardInterrupt from None
-            except Exception as err:  # a failed run is reported at the end; the others go on
-                failures[run.name] = f"{type(err).__name__}: {err}"
-                print(f"      failed: {failures[run.name]}", flush=True)
-                continue
-            _report_done(run, start)
-        return failures
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "no output"
-    return lines[-1][:300] if lines else "no output"
 
 
 # ----------------------------------------------------------------------------- the sweep directory
@@ -198,8 +98,8 @@ def write_run_config(run: PlannedRun) -> None:
     save_config(run.config, path)
 
 
-def run_sweep(plan: SweepPlan, executor: Executor) -> dict[str, str]:
-    """Runs every unfinished run; returns {run name: why it failed} (the files decide what finished)."""
+def pending_runs(plan: SweepPlan) -> tuple[list[PlannedRun], dict[str, str]]:
+    """(the runs still to do, with their config.yaml written; {run name: why it cannot run})."""
     pending, failures = [], {}
     for run in plan.runs:
         if read_completed_summary(run.run_dir) is not None:
@@ -213,6 +113,12 @@ def run_sweep(plan: SweepPlan, executor: Executor) -> dict[str, str]:
     finished = len(plan.runs) - len(pending) - len(failures)
     if finished:
         print(f"{finished} of {len(plan.runs)} runs already finished: skipped")
+    return pending, failures
+
+
+def run_sweep(plan: SweepPlan, executor: Executor) -> dict[str, str]:
+    """Runs every unfinished run; returns {run name: why it failed} (the files decide what finished)."""
+    pending, failures = pending_runs(plan)
     reasons = executor.execute(pending) if pending else {}
     for run in pending:
         if read_completed_summary(run.run_dir) is None:

@@ -26,9 +26,9 @@ from typing import Any
 import jax
 
 import lmjax
-from lmjax import flops, sharding
+from lmjax import distributed, flops, sharding
 from lmjax.config import Config, ConfigError, build, config_yaml, flatten_dotted, load_yaml, replace, to_dict
-from lmjax.errors import NonFiniteLossError
+from lmjax.errors import CheckpointError, NonFiniteLossError
 from lmjax.evaluate import eval_constants, evaluate
 from lmjax.fileio import read_completed_summary, write_json_atomic, write_text_atomic
 from lmjax.tasks import Task
@@ -36,10 +36,14 @@ from lmjax.train.checkpoint import Checkpointer
 from lmjax.train.init_from import load_source_params
 from lmjax.train.metrics import MetricsLogger
 from lmjax.train.optim import make_schedule
-from lmjax.train.step import ModelSetup
+from lmjax.train.run_lock import RunLock
+from lmjax.train.step import ModelSetup, make_stop_flags, make_stop_vote
 
-# Keys a resumed run may change: they affect logging and bookkeeping, never the loss curve.
-RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "logging.")
+# Keys a resumed run may change. Logging and bookkeeping; where it runs (the mesh, micro-batches:
+# the global batch and its order are the same on any of them, so the loss curve continues to
+# float precision); and train.steps, raised to extend a run (the schedule is then the new one).
+RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "logging.",
+                     "mesh.", "train.microbatches", "train.peer_timeout_s", "train.steps")
 
 
 class TrainingInterrupted(Exception):
@@ -103,7 +107,9 @@ def train(cfg: Config, devices: list[jax.Device] | None = None, task: Task | Non
     """Trains (or resumes) the run described by `cfg` on `devices` (default: all); returns the summary.
 
     `task` replaces the one `train.objective` names (tests use it for toy tasks)."""
-    return Trainer(cfg, devices, task).run()
+    trainer = Trainer(cfg, devices, task)  # every check of the config, before anything is written
+    with RunLock(cfg.run_dir):  # process 0 holds it from before anything is written to the end
+        return trainer.run()
 
 
 class Trainer:
@@ -111,7 +117,6 @@ class Trainer:
         self.wall_start = time.perf_counter()
         self.cfg, self.run_dir = cfg, Path(cfg.run_dir)
         self.setup = ModelSetup.build(cfg, devices, task)  # mesh and shape checks before any data or compile work
-        prepare_run_dir(cfg, self.run_dir)
         self.is_main = jax.process_index() == 0
         self.steps, task = cfg.train.steps, self.setup.task
         self.tokens_per_step = cfg.data.global_batch_size * task.tokens_per_row()
@@ -121,23 +126,29 @@ class Trainer:
         self.model_flops_per_token = flops.model_flops_per_token(cfg.model, *lengths, task.forward_passes())  # matmul FLOPs: TFLOP/s, MFU
         self.peak, self.peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype)
         self.schedule = make_schedule(cfg)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.train_step, self.eval_step = self.setup.train_step(), self.setup.eval_step()  # compiled at first call
+        self.stop_vote = make_stop_vote(self.setup.mesh)
         # Bookkeeping of the loop (set by run()).
-        self.state = self.data = self.train_iter = self.eval_batches = self.eval_constants = self.logger = None
+        self.checkpointer = self.state = self.data = self.train_iter = self.eval_batches = self.eval_constants = self.logger = None
         self.elapsed_before = 0.0
         self.init_from_step = None  # the source checkpoint's step of a `train.init_from` run
         self.last_loss = self.last_eval = self.last_tokens_per_sec = None
+        self.stop_signal = 0  # the signal (SIGTERM, SIGINT) some process received, once all know it
         self.window_time, self.window_step = None, 0
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
+        """Under the run directory's lock (`train`): nothing is written before the config passed
+        every check (in __init__), and never by two runs at once."""
+        prepare_run_dir(self.cfg, self.run_dir)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=self.cfg.train.keep_checkpoints)
         finished = read_completed_summary(self.run_dir, self.steps)
         if finished is not None:  # also when checkpoints/ was deleted to save disk
             if self.is_main:
                 print(f"{self.run_dir}: already complete ({self.steps} steps)")
             self.checkpointer.close()
             return finished
+        self._check_steps()
         self._load_data()
         start_step, iterator_state = self._restore_or_init()
         self._prepare_task(start_step, iterator_state)
@@ -154,12 +165,27 @@ class Trainer:
             self.train_iter.close()
         return self._finish()
 
+    def _check_steps(self) -> None:
+        """train.steps may be raised to extend a run (the schedule is then the new config's), not
+        lowered below its latest checkpoint; a completed run extends from its last checkpoint."""
+        latest, problem = self.checkpointer.latest_step(), None
+        if latest is not None and latest > self.steps:
+            problem = ConfigError(f"train.steps={self.steps} is below step {latest} of the latest checkpoint in "
+                                  f"{self.checkpointer.directory}; expected train.steps >= {latest} (raise it to extend the run)")
+        elif latest is None and read_completed_summary(self.run_dir) is not None:
+            problem = CheckpointError(f"{self.run_dir} holds a completed run without checkpoints; it cannot be extended to "
+                                      f"train.steps={self.steps} (extend a run that kept its checkpoints, or use a new run_dir)")
+        if problem is not None:
+            self.checkpointer.close()
+            raise problem
+
     def _load_data(self) -> None:
         # The run directory carries its tokenizer: a resumed run (and eval/generate) reuse that file,
         # so a cache wipe or a sentencepiece upgrade can never change the tokens mid-run.
         run_tokenizer = self.run_dir / "tokenizer.model"
         cfg = replace(self.cfg, **{"data.tokenizer.path": str(run_tokenizer)}) if run_tokenizer.exists() else self.cfg
-        self.data = self.setup.task.build_data(cfg)
+        with distributed.process_zero_first("data"):  # the others find its tokenizer and tokens in the cache
+            self.data = self.setup.task.build_data(cfg)
         if self.is_main and not run_tokenizer.exists():
             shutil.copyfile(self.data.tokenizer.path, run_tokenizer)
         self.eval_constants = eval_constants(self.setup, self.data)
@@ -176,16 +202,16 @@ class Trainer:
 
     def _restore_or_init(self) -> tuple[int, dict | None]:
         """(the step the run continues from, the data iterator's state when resumed)."""
-        latest, iterator_state = self.checkpointer.latest_step(), None
-        if latest is None and self.cfg.train.init_from:
+        restored, iterator_state = self.checkpointer.restore_latest(self.setup.factory.abstract()), None
+        if restored is None and self.cfg.train.init_from:
             params, self.init_from_step = load_source_params(self.cfg, self.setup)
             self.state = self.setup.factory.create(self.cfg.seed, params)
             if self.is_main:
                 print(f"initialised from {self.cfg.train.init_from} (step {self.init_from_step})")
-        elif latest is None:
+        elif restored is None:
             self.state = self.setup.factory.create(self.cfg.seed)
         else:
-            self.state, data_state = self.checkpointer.restore(latest, self.setup.factory.abstract())
+            _, self.state, data_state = restored
             iterator_state = data_state["iterator"]
             self.elapsed_before = float(data_state.get("wall_time_s", 0.0))
             self.init_from_step = data_state.get("init_from_step")
@@ -210,28 +236,33 @@ class Trainer:
             ))
 
     def _train_steps(self, step: int) -> None:
+        """Steps until train.steps or an agreed stop. Every decision here is the same on every
+        process: a signal reaches the others through `stop_vote` (each process feeds its own flag
+        in, every step, pulled with the step's metrics), a non-finite loss and the schedule of evals and saves are read from
+        replicated values, and the data never ends (the iterator repeats)."""
         every = self.cfg.train
         pending = None  # (step, metrics) not yet pulled to the host
         with _StopSignal() as stop, sharding.activate(self.setup.mesh, self.setup.rules):
             while step < self.steps:
                 batch = self.setup.global_batch(next(self.train_iter))
                 self.state, metrics = self.train_step(self.state, batch)
+                metrics["stop_signal"] = self.stop_vote(make_stop_flags(self.setup.mesh, stop.signum))
                 step += 1
                 if pending is not None:
                     self._check_and_log(*pending)
                 pending = (step, metrics)
                 at_checkpoint = step % every.checkpoint_every == 0 or step == self.steps
                 at_eval = step == self.steps or (every.eval_every and step % every.eval_every == 0)
-                if at_checkpoint or at_eval or stop.signum is not None:
+                if at_checkpoint or at_eval or self.stop_signal:
                     self._check_and_log(*pending)  # never checkpoint a state whose loss was not checked
                     pending = None
                 if at_eval:
                     self.evaluate(step)
-                if at_checkpoint or stop.signum is not None:
+                if at_checkpoint or self.stop_signal:
                     self.save(step)
-                if stop.signum is not None and step < self.steps:
+                if self.stop_signal and step < self.steps:
                     self.checkpointer.wait()
-                    raise TrainingInterrupted(step, stop.signum)
+                    raise TrainingInterrupted(step, self.stop_signal)
             if self.last_eval is None:  # resumed from the final checkpoint of a run killed before its summary
                 self.evaluate(step)
             self.checkpointer.wait()
@@ -241,6 +272,7 @@ class Trainer:
         """Pulls step `step`'s metrics to the host (one step late: the device never waits), stops
         on a non-finite value, logs every `train.log_every` steps."""
         m = jax.device_get(metrics)
+        self.stop_signal = self.stop_signal or int(m.pop("stop_signal"))  # a signal on any process
         loss, grad_norm, param_norm = float(m["loss"]), float(m["grad_norm"]), float(m["param_norm"])
         # The updated parameters too: a checkpoint is only as good as the weights it holds.
         if not (math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(param_norm)):

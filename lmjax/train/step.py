@@ -15,6 +15,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -106,26 +107,48 @@ def _split_microbatches(batch: dict[str, jax.Array], n: int, batch_axes) -> dict
     return jax.tree.map(split, batch)
 
 
+def stop_flags_sharding(mesh: Mesh) -> NamedSharding:
+    """One element per device: each process writes its own stop flag into the devices it owns."""
+    return NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+
+def make_stop_vote(mesh: Mesh):
+    """jitted flags -> their max, replicated: the signal any process received, known to all."""
+    return jax.jit(jnp.max, in_shardings=stop_flags_sharding(mesh), out_shardings=NamedSharding(mesh, P()))
+
+
+def make_stop_flags(mesh: Mesh, signum: int | None) -> jax.Array:
+    """This process's pending signal (0 for none) as its part of the global [n_devices] flags."""
+    value = np.full((1,), signum or 0, np.int32)
+    return jax.make_array_from_callback((mesh.devices.size,), stop_flags_sharding(mesh), lambda _: value)
+
+
+def _accumulate_over_microbatches(fn, batch, n_micro: int, batch_axes):
+    """sum over the `n_micro` micro-batches of `fn(micro_batch)` (a pytree of arrays), one at a time:
+    activations are only ever held for one micro-batch."""
+    if n_micro == 1:
+        return fn(batch)
+    micro = _split_microbatches(batch, n_micro, batch_axes)
+    shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(lambda carry, mb: (jax.tree.map(jnp.add, carry, fn(mb)), None), zeros, micro)
+    return total
+
+
 def make_train_step(factory: StateFactory, batch_shardings: dict[str, NamedSharding]):
     model, task, tx, n_micro = factory.model, factory.task, factory.tx, factory.cfg.train.microbatches
     batch_axes = next(iter(batch_shardings.values())).spec[0]
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        grad_fn = jax.value_and_grad(lambda p, b: task.loss(p, state.frozen, b, model), has_aux=True)
-        if n_micro == 1:
-            (_, sums), grads = grad_fn(state.params, batch)
-        else:
-            micro = _split_microbatches(batch, n_micro, batch_axes)
+        value_and_grad = jax.value_and_grad(lambda p, b: task.loss(p, state.frozen, b, model), has_aux=True)
 
-            def accumulate(carry, mb):
-                (_, s), g = grad_fn(state.params, mb)
-                return jax.tree.map(jnp.add, carry, (g, s)), None
+        def grad_fn(b):
+            (_, sums), grads = value_and_grad(state.params, b)
+            return grads, sums
 
-            (_, sums_shape), grads_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro))
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, sums_shape))
-            (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
         # Tasks return sums; one division by the global normaliser (target tokens, pairs) makes
         # the gradient independent of how the batch was split over devices and micro-batches.
+        grads, sums = _accumulate_over_microbatches(grad_fn, batch, n_micro, batch_axes)
         count = jnp.maximum(sums[task.normalizer], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
@@ -145,11 +168,16 @@ def make_train_step(factory: StateFactory, batch_shardings: dict[str, NamedShard
 
 
 def make_eval_step(factory: StateFactory, batch_shardings: dict[str, NamedSharding]):
-    """jitted (params, frozen, batch, constants) -> the task's eval sums (replicated)."""
+    """jitted (params, frozen, batch, constants) -> the task's eval sums (replicated), computed
+    micro-batch by micro-batch like training (`train.microbatches`), so evaluation never holds
+    more activations or logits than a training micro-batch does."""
     replicated = NamedSharding(factory.mesh, P())
+    n_micro = factory.cfg.train.microbatches
+    batch_axes = next(iter(batch_shardings.values())).spec[0]
 
     def step(params, frozen, batch, constants):
-        return factory.task.eval_sums(params, frozen, batch, factory.model, constants)
+        sums = lambda b: factory.task.eval_sums(params, frozen, b, factory.model, constants)  # noqa: E731
+        return _accumulate_over_microbatches(sums, batch, n_micro, batch_axes)
 
     shardings = factory.shardings
     return jax.jit(step, in_shardings=(shardings.params, shardings.frozen, batch_shardings, replicated), out_shardings=replicated)
