@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        distributed.announce_failure(str(e))
+        distributed.announce_failure(str(e), EXIT_USER_ERROR)
         return EXIT_USER_ERROR
     except Exception as e:
         from lmjax.errors import NonFiniteLossError
@@ -317,8 +317,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         import jax
 
-        if isinstance(e, jax.errors.JaxRuntimeError):  # a collective failed: most likely a peer died
-            distributed.await_peer_verdict()
+        transport = ("gloo", "nccl", "connection", "socket", "rendezvous", "unavailable", "deadline")
+        if isinstance(e, jax.errors.JaxRuntimeError) and any(w in str(e).lower() for w in transport):
+            distributed.await_peer_verdict()  # a collective failed: most likely a peer died, which its watchdog names
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        distributed.announce_failure(f"{type(e).__name__}: {first_line} (its traceback is in that process's output)")
         raise
 
 if __name__ == "__main__":

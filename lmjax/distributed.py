@@ -40,6 +40,7 @@ EXIT_PEER_LOST = 3  # distinct from a user error (2) and a crash (1): a schedule
 _JAX_HEARTBEAT_MARGIN_S = 60  # jax's own verdict comes this long after ours
 _HEARTBEAT_KEY, _FAILED_KEY = "lmjax/heartbeat/", "lmjax/failed/"
 _EXIT_BARRIER_MS = 10 * 60 * 1000  # processes finish the same step; the slowest writes its last shards
+_FAREWELL_GRACE_S = 15.0  # after the exit barrier, time for every process to disconnect
 _FIRST_BARRIER_MS = 24 * 3600 * 1000  # tokenizing a large corpus takes hours; a failure ends it sooner
 
 _initialized = False
@@ -53,7 +54,12 @@ def _under_srun() -> bool:
 
 
 def _on_tpu_pod() -> bool:
-    return os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+    """A multi-host TPU slice: GKE sets TPU_WORKER_HOSTNAMES; TPU VMs keep it in their metadata."""
+    if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        return True
+    from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster
+
+    return GceTpuCluster.is_env_present() and len(GceTpuCluster._get_worker_list_in_slice()) > 1
 
 
 def _from_environment() -> tuple[str, int, int, Any] | None:
@@ -74,7 +80,10 @@ def _from_environment() -> tuple[str, int, int, Any] | None:
     if _under_srun() or _on_tpu_pod():
         from jax._src.clusters import ClusterEnv
 
-        return ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, 300)
+        address, n, process_id, local_device_ids = ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, 300)
+        if _under_srun() and os.environ.get("SLURM_STEP_TASKS_PER_NODE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")) == "1":
+            local_device_ids = None  # one task per node sees all its GPUs (jax would pin it to GPU SLURM_LOCALID)
+        return address, n, process_id, local_device_ids
     return None
 
 
@@ -102,6 +111,7 @@ def initialize(peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S) -> None:
         _start_coordinator(address, num_processes, heartbeat_s, peer_timeout_s)
         bind = f"127.0.0.1:{_free_port()}"  # jax's in-process service, unused: ours serves `address`
     jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id, local_device_ids=local_device_ids,
+                               cluster_detection_method="deactivate",  # everything is known: no second detection
                                heartbeat_timeout_seconds=heartbeat_s, coordinator_bind_address=bind)
     start_watchdog(peer_timeout_s)
 
@@ -132,8 +142,22 @@ def _start_coordinator(address: str, num_processes: int, heartbeat_s: int, peer_
 def _serve_coordinator(bind: str, num_processes: int, heartbeat_s: int, linger_s: float) -> None:
     """The child process of `_start_coordinator`: serves until process 0 says goodbye (then briefly,
     while the others disconnect) or dies (then long enough for everyone to notice)."""
+    import signal
+
     from jax._src.lib import _jax
 
+    # A scheduler's SIGTERM goes to every process of the job: the trainers save the agreed step,
+    # which needs this service until they say goodbye (or process 0 dies: stdin closes).
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    port = int(bind.rsplit(":", 1)[-1])
+    try:  # gRPC binds with SO_REUSEPORT, so a second service on a busy port would start: probe first
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::", port))
+    except OSError as e:
+        print(f"port {port}: {e.strerror} (a previous run's coordination service ends within "
+              f"{linger_s:.0f} s of its process 0's death)", flush=True)
+        return
     try:
         service = _jax.get_distributed_runtime_service(bind, num_processes, heartbeat_timeout=heartbeat_s, recoverable=True)
     except Exception as e:
@@ -141,7 +165,7 @@ def _serve_coordinator(bind: str, num_processes: int, heartbeat_s: int, linger_s
         return
     print("ready", flush=True)
     farewell = sys.stdin.readline().strip()
-    time.sleep(5.0 if farewell == "done" else linger_s)
+    time.sleep(_FAREWELL_GRACE_S if farewell == "done" else linger_s)
     service.shutdown()
 
 
@@ -171,22 +195,32 @@ def finalize() -> None:
     from jax._src.distributed import global_state
 
     global_state.client.wait_at_barrier("lmjax/exit", _EXIT_BARRIER_MS)
+    _say_farewell()
+
+
+def _say_farewell() -> None:
+    """Lets the coordination service's process end soon (instead of lingering for the others)."""
     if _coordinator is not None:
-        _coordinator.stdin.write("done\n")
-        _coordinator.stdin.flush()
+        try:
+            _coordinator.stdin.write("done\n")
+            _coordinator.stdin.flush()
+        except OSError:  # it is already gone
+            pass
 
 
-def announce_failure(message: str) -> None:
+def announce_failure(message: str, exit_code: int = 1) -> None:
     """Tells the other processes why this one stops (their watchdogs repeat it and exit), so an
     error raised on one process does not leave the others waiting in a collective."""
     if _watchdog is None:
         return
     _watchdog.failing = True  # this process reports its own error; peers' reports are theirs
     try:
-        _watchdog.client.key_value_set(f"{_FAILED_KEY}{jax.process_index()}", message[:500], allow_overwrite=True)
+        value = f"{exit_code} {message[:500]}"
+        _watchdog.client.key_value_set(f"{_FAILED_KEY}{jax.process_index()}", value, allow_overwrite=True)
         time.sleep(2 * _watchdog.interval_s)  # the coordinator may live in this process's child: let them read it
     except Exception:
         pass
+    _say_farewell()  # everyone has been told; the port is free for a rerun soon
 
 
 def await_peer_verdict() -> None:
@@ -238,7 +272,8 @@ class _PeerWatchdog(threading.Thread):
             for key, message in failed:
                 process = int(key.rsplit("/", 1)[-1])
                 if process != self.me and not self.failing:
-                    self._exit(f"error: process {process} of {self.n} failed: {message}")
+                    code, _, text = message.partition(" ")
+                    self._exit(f"error: process {process} of {self.n} failed: {text}", int(code))
             for p in last_change:
                 value = values.get(f"{_HEARTBEAT_KEY}{p}")
                 if value != last_value.get(p):
@@ -255,12 +290,12 @@ class _PeerWatchdog(threading.Thread):
                    f"train.peer_timeout_s); process {self.me} on {socket.gethostname()} exits; "
                    "rerun the same command to resume from the last complete checkpoint")
 
-    def _exit(self, message: str) -> None:
+    def _exit(self, message: str, code: int = EXIT_PEER_LOST) -> None:
         try:
             sys.stdout.flush()
         finally:
             os.write(2, (message + "\n").encode())
-            os._exit(EXIT_PEER_LOST)
+            os._exit(code)
 
 
 if __name__ == "__main__":  # the coordination service's process (`_start_coordinator`)

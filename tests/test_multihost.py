@@ -65,6 +65,18 @@ def last_line(path: Path) -> str:
     return [line for line in path.read_text().splitlines() if line.strip()][-1]
 
 
+def children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
 def wait_for_step(run_dir: Path, step: int, processes: list[subprocess.Popen], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -115,6 +127,12 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path
     args = ["train", "configs/dense_tiny.yaml", f"run_dir={tmp_path / 'two'}", *overrides]
     processes = start_processes(args, tmp_path / "logs")
     wait_for_step(tmp_path / "two", 3, processes)
+    # As under SLURM (scancel, preemption), the signal also reaches the coordination service's
+    # process, which must outlive the save; here process 1 is the only trainer signalled.
+    coordinators = children_of(processes[0].pid)
+    assert len(coordinators) == 1
+    for pid in coordinators:
+        os.kill(pid, signal.SIGTERM)
     processes[1].send_signal(signal.SIGTERM)
     assert wait_all(processes) == [143, 143]
     stops = [last_line(tmp_path / "logs" / f"process_{i}.log") for i in range(2)]
@@ -130,19 +148,19 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path
         np.testing.assert_allclose(two[step], one[step], rtol=1e-5, err_msg=f"step {step}")
 
 
-@pytest.mark.parametrize("victim", [1, 0])
+@pytest.mark.parametrize("victim", [pytest.param(1, marks=pytest.mark.slow), 0])
 def test_a_killed_process_ends_the_other_within_the_timeout(tmp_path, tiny_overrides, victim):
     """Process 0 hosts the coordination service's process; killing either leaves the other a
     one-line error naming the lost process, within train.peer_timeout_s, and no hang."""
     overrides = tiny_overrides + ["mesh.data=2", "mesh.fsdp=4", "train.steps=100000", "train.checkpoint_every=1000",
-                                  "train.peer_timeout_s=15"]
+                                  "train.peer_timeout_s=30"]  # generous: 2 busy cores
     processes = start_processes(["train", "configs/dense_tiny.yaml", f"run_dir={tmp_path / 'run'}", *overrides], tmp_path / "logs")
     wait_for_step(tmp_path / "run", 3, processes)
     processes[victim].kill()
     killed_at = time.monotonic()
     survivor = processes[1 - victim]
-    code = survivor.wait(timeout=60)
-    assert code != 0 and time.monotonic() - killed_at < 15 + 15
+    code = survivor.wait(timeout=90)
+    assert code != 0 and time.monotonic() - killed_at < 30 + 20
     line = last_line(tmp_path / "logs" / f"process_{1 - victim}.log")
     assert line.startswith(f"error: process {victim} of 2 stopped responding"), line
     assert "Check failure stack trace" not in (tmp_path / "logs" / f"process_{1 - victim}.log").read_text()

@@ -140,6 +140,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Under the run directory's lock (`train`): nothing is written before the config passed
         every check (in __init__), and never by two runs at once."""
+        self._check_steps()
         prepare_run_dir(self.cfg, self.run_dir)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=self.cfg.train.keep_checkpoints)
         finished = read_completed_summary(self.run_dir, self.steps)
@@ -148,7 +149,6 @@ class Trainer:
                 print(f"{self.run_dir}: already complete ({self.steps} steps)")
             self.checkpointer.close()
             return finished
-        self._check_steps()
         self._load_data()
         start_step, iterator_state = self._restore_or_init()
         self._prepare_task(start_step, iterator_state)
@@ -167,17 +167,18 @@ class Trainer:
 
     def _check_steps(self) -> None:
         """train.steps may be raised to extend a run (the schedule is then the new config's), not
-        lowered below its latest checkpoint; a completed run extends from its last checkpoint."""
-        latest, problem = self.checkpointer.latest_step(), None
+        lowered below its latest checkpoint; a completed run extends from its last checkpoint.
+        Checked before anything (config.yaml) is written."""
+        folder = self.run_dir / "checkpoints"
+        steps = [int(p.name) for p in folder.glob("[0-9]*") if p.name.isdigit() and p.is_dir()] if folder.is_dir() else []
+        latest = max(steps, default=None)
         if latest is not None and latest > self.steps:
-            problem = ConfigError(f"train.steps={self.steps} is below step {latest} of the latest checkpoint in "
-                                  f"{self.checkpointer.directory}; expected train.steps >= {latest} (raise it to extend the run)")
-        elif latest is None and read_completed_summary(self.run_dir) is not None:
-            problem = CheckpointError(f"{self.run_dir} holds a completed run without checkpoints; it cannot be extended to "
-                                      f"train.steps={self.steps} (extend a run that kept its checkpoints, or use a new run_dir)")
-        if problem is not None:
-            self.checkpointer.close()
-            raise problem
+            raise ConfigError(f"train.steps={self.steps} is below step {latest} of the latest checkpoint in "
+                              f"{folder}; expected train.steps >= {latest} (raise it to extend the run)")
+        finished = read_completed_summary(self.run_dir)
+        if latest is None and finished is not None and finished.get("steps") != self.steps:
+            raise CheckpointError(f"{self.run_dir} holds a completed run without checkpoints; it cannot be extended to "
+                                  f"train.steps={self.steps} (extend a run that kept its checkpoints, or use a new run_dir)")
 
     def _load_data(self) -> None:
         # The run directory carries its tokenizer: a resumed run (and eval/generate) reuse that file,

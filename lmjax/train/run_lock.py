@@ -43,13 +43,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _slurm_incarnation() -> str | None:
+    """JOBID.RESTARTS under SLURM: a requeued job (after a node failure, on another node) must not
+    wait for the heartbeat of its own previous incarnation to go stale."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    job = job or os.environ.get("SLURM_JOB_ID")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else None
+
+
 class RunLock:
     def __init__(self, run_dir: str | Path, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "lock"
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                       "token": uuid.uuid4().hex}
+                       "token": uuid.uuid4().hex, "slurm_job": _slurm_incarnation()}
         self._inode: int | None = None  # of the file we created: what we refresh and remove
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -146,6 +154,9 @@ class RunLock:
             return True  # no heartbeat: the holder is gone, whatever its host
         if holder is None:
             return False  # unreadable but fresh: treat as held, say so
+        job = _slurm_incarnation()
+        if job and holder.get("slurm_job") and holder["slurm_job"] != job and holder["slurm_job"].split(".")[0] == job.split(".")[0]:
+            return True  # an earlier incarnation of this requeued SLURM job: gone, wherever it ran
         same_host = holder.get("host") == socket.gethostname()
         return same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"])
 
