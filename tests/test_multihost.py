@@ -118,6 +118,13 @@ def test_two_processes_equal_one_process_and_its_checkpoints(tmp_path, tiny_over
     a, b = load_run(tmp_path / "one").params, load_run(tmp_path / "two").params
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-5)  # Adam magnifies reduction-order noise
+    # Another number of processes: the 2-process checkpoint continues in this one process
+    # (extended by two steps, as the 1-process run is).
+    for name in ("one", "two"):
+        train(load_config(None, overrides + [f"run_dir={tmp_path / name}", "train.steps=8"]))
+    one, two = read_losses(tmp_path / "one"), read_losses(tmp_path / "two")
+    for step in (7, 8):
+        np.testing.assert_allclose(two[step], one[step], rtol=1e-5)
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path, tiny_overrides):
