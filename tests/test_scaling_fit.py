@@ -299,3 +299,22 @@ def test_run_fit_writes_contracted_files(tmp_path):
     for factor in (0.8, 1.25):
         n = prediction["N_opt"] * factor
         assert law.loss(n, budget / (6 * n)) > prediction["loss"]
+
+
+def test_budgets_are_grouped_by_a_log_tolerance_not_by_rounding():
+    """Hand-made computes: 1.04e15 and 1.06e15 round to different digits but are one budget;
+    planned budgets keep their exact value; 3x apart are two budgets."""
+    def run(compute=None, budget=None, params=1e6):
+        return RunRecord(name="r", params=params, tokens=compute / (6 * params) if compute else 1e6, loss=3.0,
+                         flops=compute, budget=budget)
+
+    groups = fitlib.group_by_budget([run(1.04e15), run(1.06e15), run(0.99e15), run(3.1e15), run(2.95e15)])
+    assert len(groups) == 2
+    (low, low_runs), (high, high_runs) = groups.items()
+    assert len(low_runs) == 3 and len(high_runs) == 2
+    assert low == pytest.approx(math.exp(np.mean(np.log([0.99e15, 1.04e15, 1.06e15]))), rel=1e-12)
+    assert high == pytest.approx(math.sqrt(3.1e15 * 2.95e15), rel=1e-12)
+    planned = fitlib.group_by_budget([run(budget=1e17, params=p) for p in (1e6, 2e6, 4e6)] + [run(budget=1e18)])
+    assert list(planned) == [1e17, 1e18] and [len(g) for g in planned.values()] == [3, 1]
+    # Beyond the tolerance (10%): separate groups, even when rounding would merge them.
+    assert len(fitlib.group_by_budget([run(1.00e15), run(1.14e15)])) == 2

@@ -29,6 +29,7 @@ HUBER_DELTA = 1e-3
 MIN_RUNS_APPROACH3 = 6  # five free parameters: need more runs than that
 MIN_SIZES_PER_BUDGET = 3  # a parabola through fewer sizes has no meaningful minimum
 MIN_BUDGETS = 2
+BUDGET_LOG_TOLERANCE = math.log(1.1)  # runs within 10% of a group's smallest compute share its budget
 BOOTSTRAP_EXTRA_STARTS = 4  # distinct full-data local minima, besides the best, that seed each resample
 
 
@@ -199,13 +200,25 @@ def run_compute(run: RunRecord) -> float:
     return run.flops if run.flops is not None else 6.0 * run.params * run.tokens
 
 
-def group_by_budget(runs: list[RunRecord]) -> dict[float, list[RunRecord]]:
-    """IsoFLOP groups: the planned budget, else the run's compute rounded to 2 significant digits."""
-    groups: dict[float, list[RunRecord]] = {}
-    for run in runs:
-        budget = run.budget if run.budget is not None else float(f"{run_compute(run):.1e}")
-        groups.setdefault(budget, []).append(run)
-    return dict(sorted(groups.items()))
+def group_by_budget(runs: list[RunRecord], tolerance: float = BUDGET_LOG_TOLERANCE) -> dict[float, list[RunRecord]]:
+    """IsoFLOP groups keyed by their compute: a run's planned budget, else the compute it spent.
+
+    Runs join a group while their compute is within `tolerance` in natural log of the group's
+    smallest (rounding would split 1.04e15 and 1.06e15 across a digit boundary, and merge
+    budgets that only differ past it). A group's key is the geometric mean of its members'
+    computes: the planned budget itself when they share one.
+    """
+    keyed = sorted((((run.budget if run.budget is not None else run_compute(run)), run) for run in runs), key=lambda cr: cr[0])
+    groups: list[list[tuple[float, RunRecord]]] = []
+    for compute, run in keyed:
+        if groups and math.log(compute) - math.log(groups[-1][0][0]) <= tolerance:
+            groups[-1].append((compute, run))
+        else:
+            groups.append([(compute, run)])
+    def key(computes: list[float]) -> float:
+        return computes[0] if len(set(computes)) == 1 else float(np.exp(np.mean(np.log(computes))))
+
+    return {key([c for c, _ in group]): [run for _, run in group] for group in groups}
 
 
 def parabola_minimum(log_n: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray | None, float, float]:
