@@ -184,6 +184,7 @@ def test_parallel_runs_are_pinned_to_their_own_devices_and_a_failure_stops_no_ot
         assert overlapping and all(b[:2] != a[:2] for b in overlapping)
 
 
+@pytest.mark.slow  # two real runs on 2 cores: CI's slow pass
 def test_two_real_runs_at_once_both_finish(tmp_path, data_cache, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device per run, not the 8 fake ones of the tests: faster to compile
     plan = planned(tiny_sweep_file(tmp_path, data_cache, budgets=[2.0e9]))

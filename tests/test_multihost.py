@@ -127,6 +127,7 @@ def test_two_processes_equal_one_process_and_its_checkpoints(tmp_path, tiny_over
         np.testing.assert_allclose(two[step], one[step], rtol=1e-5)
 
 
+@pytest.mark.slow  # 1.5 min of two processes: kept out of the README's 15-minute suite, run by CI
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path, tiny_overrides):
     """fsdp=8 spans the processes. SIGTERM reaches process 1 only; both save one step and exit
     143; the rerun continues the uninterrupted curve."""
@@ -155,7 +156,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path
         np.testing.assert_allclose(two[step], one[step], rtol=1e-5, err_msg=f"step {step}")
 
 
-@pytest.mark.parametrize("victim", [pytest.param(1, marks=pytest.mark.slow), 0])
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
 def test_a_killed_process_ends_the_other_within_the_timeout(tmp_path, tiny_overrides, victim):
     """Process 0 hosts the coordination service's process; killing either leaves the other a
     one-line error naming the lost process, within train.peer_timeout_s, and no hang."""
@@ -173,6 +175,7 @@ def test_a_killed_process_ends_the_other_within_the_timeout(tmp_path, tiny_overr
     assert "Check failure stack trace" not in (tmp_path / "logs" / f"process_{1 - victim}.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_locked_run_dir_stops_every_process_at_once(tmp_path, tiny_overrides):
     """The lock belongs to the run: process 0 takes it; refused, every process exits 2."""
     from lmjax.train.run_lock import RunLock
