@@ -81,7 +81,11 @@ def test_sweep_runs_as_a_job_array_to_fit_json(tmp_path, slurm_env, data_cache):
     long_run = sweep_dir / "runs" / "C8e9_N10800"
     start = time.perf_counter()
     first = subprocess.Popen([sys.executable, "-m", "lmjax.cli", "sweep", str(sweep_file), "--executor", "slurm",
-                              "--parallel", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                              "--parallel", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             # A test runner started in the background (`cmd &`) ignores SIGINT, and so
+                             # would this child: Python raises KeyboardInterrupt only when it starts with
+                             # SIGINT at its default.
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while not checkpointed_steps(long_run):
             assert first.poll() is None and time.perf_counter() - start < 600, "the long run never saved a checkpoint"
