@@ -243,11 +243,13 @@ class Trainer:
         replicated values, and the data never ends (the iterator repeats)."""
         every = self.cfg.train
         pending = None  # (step, metrics) not yet pulled to the host
+        no_signal = make_stop_flags(self.setup.mesh, None)  # built once: no host-to-device copy per step
         with _StopSignal() as stop, sharding.activate(self.setup.mesh, self.setup.rules):
             while step < self.steps:
                 batch = self.setup.global_batch(next(self.train_iter))
                 self.state, metrics = self.train_step(self.state, batch)
-                metrics["stop_signal"] = self.stop_vote(make_stop_flags(self.setup.mesh, stop.signum))
+                flags = no_signal if stop.signum is None else make_stop_flags(self.setup.mesh, stop.signum)
+                metrics["stop_signal"] = self.stop_vote(flags)
                 step += 1
                 if pending is not None:
                     self._check_and_log(*pending)
