@@ -51,10 +51,14 @@ class MoEConfig:
     router_scores: str = choices("softmax", "sigmoid", default="softmax")  # sigmoid: DeepSeek-V3
     renormalize: bool = True  # top-k weights divided by their sum (Mixtral); false keeps the raw scores
     # dropless: every token reaches its experts (sorted by expert, grouped matmuls). capacity: each
-    # expert takes at most ceil(top_k * seq_len * capacity_factor / n_experts) tokens per row and
-    # drops the rest (GShard, Switch); earlier tokens of a row win.
+    # document (segment) is cut into groups of capacity_group positions from its start, and each
+    # expert takes at most ceil(top_k * capacity_group * capacity_factor / n_experts) tokens per
+    # group and drops the rest (GShard, Switch); earlier tokens of a group win. So a document's
+    # drops depend on neither its neighbours in a packed row nor the row length; decoding (KV
+    # cache) never drops.
     dispatch: str = choices("dropless", "capacity", default="dropless")
     capacity_factor: float = 1.25
+    capacity_group: int = 128  # positions per capacity group (capacity dispatch only)
     load_balance_loss: float = 1e-2  # Switch: alpha * n_experts * sum_i f_i * P_i per MoE layer
     router_z_loss: float = 1e-3  # ST-MoE: mean over tokens of logsumexp(router logits)^2 per MoE layer
 
@@ -118,6 +122,16 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # sp: standard parameterization. mup: μP (Tensor Programs V, for Adam; lmjax/models/mup.py): with
+    # m = d_model / mup_base_width, hidden matrices get init std * sqrt(1/m) and Adam lr * 1/m, the
+    # logits are multiplied by 1/m, attention scores by sqrt(base head_dim) / head_dim; embeddings,
+    # norms, biases and the readout keep SP's. At m = 1 it is SP exactly. Every width (d_ff, heads
+    # x head_dim) is assumed to grow with d_model; with head_dim unset, n_heads is the base model's.
+    parameterization: str = choices("sp", "mup", default="sp")
+    mup_base_width: int | None = None  # mup: the d_model of the base model (whose hyperparameters transfer)
+    # mup: zero-initialised query projection and untied readout `unembed` (TP5's option). With
+    # tie_embeddings: true the readout is the token table, which cannot be zero: only the query is.
+    mup_zero_init: bool = False
     dtype: str = choices("float32", "bfloat16", default="float32")  # compute dtype
     param_dtype: str = choices("float32", "bfloat16", default="float32")
     # Activation checkpointing of each block: none, full (save only block inputs), or dots
@@ -164,7 +178,8 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float | None:
-        """Multiplier of the attention scores; None = 1/sqrt(head_dim). T5 folds it into its init."""
+        """Multiplier of the attention scores under SP; None = 1/sqrt(head_dim). T5 folds it into its
+        init. Attention reads `lmjax.models.mup.attention_scale`, which is this under SP."""
         return 1.0 if self.style == "t5" else None
 
     @property
@@ -236,6 +251,11 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100  # 0: evaluate only at the end
     eval_batches: int = 4
+    # The evaluation at the last step (summary.json's final_eval_*, the loss scaling fits read):
+    # 0 reads the same eval_batches as the others; N reads the first ceil(N / tokens per batch)
+    # validation batches, at most the whole split, and adds final_eval_loss_stderr (the standard
+    # error of the mean over batches). Sweeps set it from their `eval_tokens`.
+    final_eval_tokens: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     microbatches: int = 1  # gradient accumulation: global batch split in this many parts

@@ -46,6 +46,7 @@ def validate(cfg: Config) -> None:
         if m.type_vocab_size:
             raise ConfigError(f"model.type_vocab_size needs model.family=encoder, got family {m.family}")
     _validate_t5(cfg)
+    _validate_mup(cfg)
     _validate_post_training(cfg)
     objective_families = {"causal_lm": ("dense", "moe"), "mlm": ("encoder",), "span_corruption": ("t5",), "seq2seq": ("t5",),
                           "sft": ("dense", "moe"), "dpo": ("dense", "moe")}
@@ -74,7 +75,7 @@ def validate(cfg: Config) -> None:
         if m.style != "llama" or m.ffn != "swiglu":
             raise ConfigError(f"model.family=moe needs model.style=llama and SwiGLU feed-forward layers (its experts), "
                               f"got style {m.style} with feed_forward {m.feed_forward}")
-        for key in ("n_experts", "top_k", "interval"):
+        for key in ("n_experts", "top_k", "interval", "capacity_group"):
             _positive(getattr(e, key), f"model.moe.{key}")
         for key in ("n_shared_experts", "first_dense_layers", "load_balance_loss", "router_z_loss"):
             _positive(getattr(e, key), f"model.moe.{key}", allow_zero=True)
@@ -111,6 +112,7 @@ def validate(cfg: Config) -> None:
     for key in ("log_every", "checkpoint_every", "eval_batches", "microbatches", "keep_checkpoints"):
         _positive(getattr(t, key), f"train.{key}")
     _positive(t.eval_every, "train.eval_every", allow_zero=True)
+    _positive(t.final_eval_tokens, "train.final_eval_tokens", allow_zero=True)
     _positive(t.z_loss, "train.z_loss", allow_zero=True)
     if d.global_batch_size % t.microbatches:
         raise ConfigError(
@@ -186,6 +188,24 @@ def _validate_t5(cfg: Config) -> None:
         _positive(cfg.seq2seq.target_len, "seq2seq.target_len")
         if cfg.seq2seq.input_key == cfg.seq2seq.target_key:
             raise ConfigError(f"seq2seq.input_key and seq2seq.target_key must differ, both are {cfg.seq2seq.input_key!r}")
+
+
+def _validate_mup(cfg: Config) -> None:
+    """μP (`model.parameterization: mup`, lmjax/models/mup.py)."""
+    m = cfg.model
+    if m.parameterization != "mup":
+        if m.mup_zero_init:
+            raise ConfigError(f"model.mup_zero_init needs model.parameterization=mup, got {m.parameterization}")
+        return
+    if m.mup_base_width is None:
+        raise ConfigError("model.mup_base_width is required with model.parameterization=mup (the d_model of the base model)")
+    _positive(m.mup_base_width, "model.mup_base_width")
+    if m.family == "t5" or m.style == "t5":
+        raise ConfigError(f"model.parameterization=mup is not supported for T5 (family {m.family}, style {m.style}): its "
+                          f"fan-in init and unscaled attention scores have no μP rules here; use parameterization=sp")
+    if m.head_dim is None and m.mup_base_width % m.n_heads:
+        raise ConfigError(f"model.mup_base_width ({m.mup_base_width}) must be a multiple of model.n_heads ({m.n_heads}): with "
+                          f"model.head_dim unset the base model has the same heads, of mup_base_width / n_heads")
 
 
 def _distinct(values: dict[str, str], what: str) -> None:

@@ -5,8 +5,8 @@ inside a single jitted `lax.while_loop`, so the prefix is never recomputed and t
 soon as every row has emitted `eos_id`. The prompt is a [batch, prompt_len] array; prompts of
 different lengths share one batch (and one compilation) left-padded, with `prompt_lengths`: pad
 tokens get segment id 0, which no other token attends to, and each row's real tokens positions
-0, 1, ..., so every row generates what it would alone (up to float reordering; with MoE only
-under dropless dispatch, as capacity dispatch lets pad tokens take expert slots in the prefill).
+0, 1, ..., so every row generates what it would alone (up to float reordering; MoE layers never
+drop tokens while decoding, the prefill included, so capacity dispatch holds this too).
 An encoder-decoder runs its encoder on the prompt once; its decoder starts from the decoder start
 token, caching the encoder output's cross-attention keys/values at its first call.
 """

@@ -190,6 +190,9 @@ def export_model_type(model: ModelConfig) -> str:
     def refuse(key: str, value: Any, why: str) -> HFConfigError:
         return HFConfigError(f"model.{key}={value!r}: {why}; this model has no Hugging Face equivalent lmjax can write")
 
+    if model.parameterization == "mup" and model.mup_base_width != model.d_model:
+        raise refuse("parameterization", "mup", "μP away from its base width multiplies logits and attention scores, "
+                     "which no transformers architecture does")
     if model.sliding_window and (model.style != "llama" or model.family not in ("dense", "moe")):
         raise refuse("sliding_window", model.sliding_window, "only Mistral and Mixtral (llama style) have a sliding window")
     if model.family == "t5":

@@ -17,7 +17,8 @@ blocks are `layers/...` with a leading [n_layers] axis when `config.scan_layers`
 `dense_layers/...` [first_dense_layers] and `moe_layers/{dense_0, ..., moe}/...` [number of MoE
 layers], one group per MoE layer; unrolled, `layer_i/mlp` is the MLP or the MoE layer.
 Init: matrices and tables normal(init_std), except the attention and MLP output projections, normal(init_std / sqrt(2 * n_layers)) as in GPT-2; norm
-scales 1, biases 0.
+scales 1, biases 0. With `model.parameterization: mup` the hidden matrices (attention, MLP, experts, router) start
+from std * sqrt(base / width) and the logits are multiplied by base / width (lmjax/models/mup.py).
 
 Decoding: `decode=True` reads and writes the 'cache' collection made by `init_cache`, so a call
 with the prompt followed by one call per new token reproduces the full forward pass. Positions

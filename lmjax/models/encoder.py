@@ -16,6 +16,8 @@ Built from the decoder's layers (lmjax/models/layers.py) with `causal=False`:
 - MLM head, as BERT's `cls.predictions`: `head_dense` [D, D] + GELU + `head_norm`, then the tied
   token table (or `unembed` [D, V]) and an output bias `output_bias` [V].
 
+μP (`model.parameterization: mup`, lmjax/models/mup.py) treats `head_dense` as a hidden matrix.
+
 Parameter names follow the decoder's (`embed/embedding`, `position_embedding`, `layers/...` with a
 leading [n_layers] axis when `config.scan_layers`, else `layer_0/...`); every weight carries
 logical axis names, so the encoder shards over the same mesh rules.
@@ -37,6 +39,7 @@ from lmjax.models.layers import (
     ModelInputError,
     block_class,
     gelu,
+    init_std,
     learned_positions,
     lookup,
     make_norm,
@@ -84,7 +87,8 @@ class EncoderMLM(LanguageModel):
             x_BTD = make_norm(cfg, "final_norm")(x_BTD)
 
         common = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        h_BTD = Dense((cfg.d_model,), ("embed", "mlp"), cfg.init_std, use_bias=cfg.use_bias, name="head_dense", **common)(x_BTD)
+        head_dense = Dense((cfg.d_model,), ("embed", "mlp"), init_std(cfg, "head_dense"), use_bias=cfg.use_bias, name="head_dense", **common)
+        h_BTD = head_dense(x_BTD)
         h_BTD = nn.with_logical_constraint(gelu(h_BTD, cfg), RESIDUAL_AXES)
         h_BTD = make_norm(cfg, "head_norm")(h_BTD)
         bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",))

@@ -12,6 +12,7 @@ statistics, RoPE angles and softmax (inside `jax.nn.dot_product_attention`) are 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -22,6 +23,9 @@ import numpy as np
 
 from lmjax.config import ConfigError, ModelConfig, RopeScalingConfig
 from lmjax.errors import UserError
+from lmjax.models.activations import gelu, swiglu
+from lmjax.models.mup import attention_scale, init_multiplier, logit_multiplier
+
 
 class ModelInputError(UserError):
     """Inputs of the wrong rank, length or kind for the model."""
@@ -43,19 +47,16 @@ def output_projection_std(config: ModelConfig) -> float:
 
 
 def init_std(config: ModelConfig, kind: str) -> float:
-    """Initial std of a weight by kind: query, key_value, attention_out, mlp_in, mlp_out, embedding, unembed.
-
-    T5 style is T5X's init (fan-in variance scaling; the query also divided by sqrt(head_dim), which
-    stands in for the score scaling T5 leaves out; token table N(0, 1) as the RMS-normed blocks read
-    it unscaled). Other styles: `init_std`, with GPT-2's depth scaling on residual writes."""
+    """Initial std of a weight by kind (query, key_value, attention_out, mlp_in, mlp_out, router, head_dense, embedding,
+    unembed). T5 style: T5X's init (fan-in variance scaling; the query also / sqrt(head_dim), for the unscaled scores; token
+    table N(0, 1)). Others: `init_std`, GPT-2's depth scaling on residual writes, times μP's `init_multiplier` (1 in SP)."""
     if config.style == "t5":
         d, heads_width = config.d_model, config.n_heads * config.head_size
         fan_in = {"query": d * config.head_size, "key_value": d, "attention_out": heads_width, "mlp_in": d,
-                  "mlp_out": config.d_ff, "embedding": 1, "unembed": d}
+                  "mlp_out": config.d_ff, "router": d, "embedding": 1, "unembed": d}
         return fan_in[kind] ** -0.5
-    if kind in ("attention_out", "mlp_out"):
-        return output_projection_std(config)
-    return config.init_std
+    std = output_projection_std(config) if kind in ("attention_out", "mlp_out") else config.init_std
+    return std * init_multiplier(config, kind)
 
 
 class LanguageModel(nn.Module):
@@ -229,11 +230,11 @@ class Attention(nn.Module):
 
         if self.decode:
             k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, segment_ids_BT)
-            out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_B1TS, scale=cfg.attention_scale)
+            out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_B1TS, scale=attention_scale(cfg))
         else:
             mask_B1TT = None if segment_ids_BT is None else (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
             out_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BTKH, v_BTKH, bias=bias_BNTS, mask=mask_B1TT, scale=cfg.attention_scale, is_causal=self.causal,
+                q_BTNH, k_BTKH, v_BTKH, bias=bias_BNTS, mask=mask_B1TT, scale=attention_scale(cfg), is_causal=self.causal,
                 local_window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window and self.causal else None,
                 implementation=attention_kernel(cfg),
             )
@@ -286,38 +287,8 @@ class CrossAttention(nn.Module):
             k_BSKH, v_BSKH = cached_key.value, cached_value.value
         elif encoded_BSD is None:
             raise ModelInputError("encoded: the encoder output is required outside decoding")
-        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=cfg.attention_scale)
+        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=attention_scale(cfg))
         return attention_output(cfg)(out_BTNH)
-
-
-@jax.custom_vjp
-def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """silu(gate) * up. The hand-written backward keeps only the two inputs for the backward pass
-    and recomputes the sigmoid; autodiff of `jax.nn.silu(gate) * up` stores four [B, T, F] arrays
-    per layer and reads them all in the backward fusion (about 15% slower MLP on XLA:CPU)."""
-    return jax.nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(residuals: tuple[jax.Array, jax.Array], d_out: jax.Array) -> tuple[jax.Array, jax.Array]:
-    gate, up = residuals
-    gate32, d32 = gate.astype(jnp.float32), d_out.astype(jnp.float32)
-    sig = jax.nn.sigmoid(gate32)
-    # d silu(g)/dg = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
-    d_gate = d32 * up.astype(jnp.float32) * sig * (1 + gate32 * (1 - sig))
-    d_up = d32 * gate32 * sig
-    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
-def gelu(x: jax.Array, config: ModelConfig) -> jax.Array:
-    """The tanh approximation (GPT-2, T5 v1.1's gelu_new), or the exact erf form in bert style (as BERT was trained)."""
-    return jax.nn.gelu(x, approximate=config.style != "bert")
 
 
 class MLP(nn.Module):
@@ -363,7 +334,11 @@ class Block(nn.Module):
                  bias_BNTS: jax.Array | None = None) -> tuple[jax.Array, None]:
         cfg = self.config
         attention = Attention(cfg, decode=self.decode, causal=self.causal, name="attention")
-        mlp = self.mlp_cls(cfg, name="mlp")
+        if self.mlp_cls is MLP:
+            mlp = MLP(cfg, name="mlp")
+        else:  # moe.MoEFeedForward: capacity counted per document, no drops while decoding
+            mlp = functools.partial(self.mlp_cls(cfg, decode=self.decode, name="mlp"), positions_BT=positions_BT,
+                                    segment_ids_BT=segment_ids_BT)
         attention_norm, mlp_norm = make_norm(cfg, "attention_norm"), make_norm(cfg, "mlp_norm")
         if cfg.post_norm:
             x_BTD = attention_norm(x_BTD + attention(x_BTD, positions_BT, segment_ids_BT, bias_BNTS))
@@ -440,11 +415,13 @@ def learned_positions(module: nn.Module, config: ModelConfig, positions_BT: jax.
 
 
 def output_logits(module: nn.Module, config: ModelConfig, embed: Embed, x_BTD: jax.Array) -> jax.Array:
-    """float32 logits [B, T, V]: the tied embedding table, or the `unembed` [D, V] matrix of `module`."""
+    """float32 logits [B, T, V]: the tied embedding table, or the `unembed` [D, V] matrix of `module`, times μP's 1/m."""
     if config.tie_embeddings:
         logits_BTV = embed.attend(x_BTD)
     else:
-        unembed_init = partitioned_normal(config.init_std, ("embed", "vocab"))
+        unembed_init = partitioned_normal(init_std(config, "unembed"), ("embed", "vocab"))
         unembed_DV = module.param("unembed", unembed_init, (config.d_model, config.vocab_size), jnp.dtype(config.param_dtype))
         logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, unembed_DV.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
+    if (multiplier := logit_multiplier(config)) != 1.0:  # skipped at 1.0: μP at the base width is SP bit for bit
+        logits_BTV = logits_BTV * multiplier
     return nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))

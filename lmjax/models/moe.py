@@ -1,9 +1,11 @@
 """Mixture-of-experts feed-forward layer: router, experts, dispatch/combine, auxiliary losses.
 
-    y_BTD = MoEFeedForward(config)(x_BTD)   # takes the place of layers.MLP in a Block
+    y_BTD = MoEFeedForward(config, decode)(x_BTD, positions_BT, segment_ids_BT)   # in place of layers.MLP
 
-Shape suffixes as in layers.py, plus E experts, X experts held by one shard, k experts per token
-(top_k), C expert capacity per row, N tokens, M = N * top_k routing assignments.
+positions and segment_ids as DecoderLM takes them (documents packed in a row have their own
+segment ids and positions from 0; default: one document per row at positions 0, 1, ...). Shape
+suffixes as in layers.py, plus E experts, X experts held by one shard, k experts per token (top_k),
+N tokens, M = N * top_k routing assignments.
 
 Router, in float32: logits = x @ router; scores = softmax(logits) or sigmoid(logits); each token
 goes to its top_k experts with weights = their scores, divided by their sum when `renormalize`
@@ -12,23 +14,26 @@ goes to its top_k experts with weights = their scores, divided by their sum when
 experts are one dense SwiGLU of width n_shared_experts * d_ff_expert that every token goes through.
 
 Dispatch (`model.moe.dispatch`):
-- capacity (GShard, Switch): within each row, expert e serves at most
-  C = min(T, ceil(top_k * T * capacity_factor / E)) assignments. Assignments are served in token
-  order, a token's choices in rank order: the j-th choice of token t is kept when fewer than C
-  assignments of tokens before t, or of better choices of t, went to the same expert. A dropped
-  assignment adds nothing (the residual stream carries the token). Only earlier tokens decide, so
-  the layer stays causal. Dispatch and combine are einsums with one-hot [B, T, E, C] masks.
 - dropless: assignments sorted by expert and run through grouped matmuls (`jax.lax.ragged_dot`).
-  Equal to capacity mode whenever capacity mode drops nothing.
+- capacity (GShard, Switch), counted per document: a document's tokens fall in groups of
+  G = `capacity_group` positions (group = position // G, counted from the document's start), and
+  expert e serves at most C = min(G, ceil(top_k * G * capacity_factor / E)) assignments of a group.
+  Assignments are served in token order, a token's choices in rank order: the j-th choice of token
+  t is kept when fewer than C assignments of earlier tokens of t's group, or of better choices of
+  t, went to the same expert. A dropped assignment adds nothing (the residual stream carries the
+  token). So only the document's own tokens and positions decide what drops: not its neighbours in
+  a packed row, not the row's or the document's length, and not later tokens (the layer stays
+  causal). A decoding call (`decode`, the KV-cache calls of generate.py) never drops: it runs
+  dropless, which equals capacity mode whenever capacity mode drops nothing. The kept assignments
+  run through the dropless path: with capacity per document, a row of many short documents can
+  keep every assignment, so a fixed-size buffer per expert (GShard's one-hot dispatch) would need
+  a slot per token of the row to be exact, E x T slots against top_k x T sorted assignments.
 
-Expert parallelism, when the 'expert' logical axis maps to mesh axes of size > 1:
-- capacity: sharding constraints make the dispatched [E, B, C, D] buffer expert-major (rows sharded
-  over the remaining batch axes); XLA's partitioner turns the switch from row-sharded to
-  expert-sharded, and back, into all-to-alls.
-- dropless: a shard_map over the batch axes. Tokens are all-gathered over the expert axes, each
-  shard runs its own experts on the assignments routed to them, and a reduce-scatter returns each
-  token's sum (Megatron-LM's "allgather" token dispatcher). An all-to-all would move top_k / ep of
-  these bytes, but needs a variable-size exchange (`ragged_all_to_all`), which XLA:CPU cannot run.
+Expert parallelism, when the 'expert' logical axis maps to mesh axes of size > 1 (both modes): a
+shard_map over the batch axes. Tokens are all-gathered over the expert axes, each shard runs its
+own experts on the assignments routed to them, and a reduce-scatter returns each token's sum
+(Megatron-LM's "allgather" token dispatcher). An all-to-all would move top_k / ep of these bytes,
+but needs a variable-size exchange (`ragged_all_to_all`), which XLA:CPU cannot run.
 
 Statistics of every MoE layer (expert load = fraction of assignments per expert before dropping,
 dropped fraction, load-balancing and z-loss values) are sown into the 'intermediates' collection
@@ -47,16 +52,17 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from lmjax.config import ModelConfig, MoEConfig
-from lmjax.models.layers import MLP, output_projection_std, partitioned_normal, swiglu
+from lmjax.models.activations import swiglu
+from lmjax.models.layers import MLP, init_std, partitioned_normal
 
 STATS = "moe_stats"  # name of the sown statistics in the 'intermediates' collection
 
 
-def expert_capacity(tokens_per_row: int, moe: MoEConfig) -> int:
-    """Assignments one expert serves per row in capacity mode (an expert never gets more than one
-    assignment per token, so more than `tokens_per_row` slots would stay empty)."""
-    capacity = math.ceil(moe.top_k * tokens_per_row * moe.capacity_factor / moe.n_experts)
-    return max(1, min(tokens_per_row, capacity))
+def expert_capacity(moe: MoEConfig) -> int:
+    """C: assignments one expert serves per capacity group (an expert never gets more than one
+    assignment per token, so more than `capacity_group` would never be used)."""
+    group = moe.capacity_group
+    return max(1, min(group, math.ceil(moe.top_k * group * moe.capacity_factor / moe.n_experts)))
 
 
 # ----------------------------------------------------------------------------- router and aux losses
@@ -120,30 +126,28 @@ def aux_loss_and_metrics(stats: dict[str, jax.Array], config: ModelConfig) -> tu
 # ----------------------------------------------------------------------------- expert computation
 
 
-def _swiglu_experts(x_EBCD: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
-    h_EBCF = swiglu(jnp.einsum("ebcd,edf->ebcf", x_EBCD, gate_EDF), jnp.einsum("ebcd,edf->ebcf", x_EBCD, up_EDF))
-    return jnp.einsum("ebcf,efd->ebcd", h_EBCF, down_EFD)
-
-
-def capacity_masks(experts_BTk: jax.Array, weights_BTk: jax.Array, n_experts: int, capacity: int):
-    """(dispatch_BTEC, combine_BTEC, kept_BTk) for the drop order in the module docstring."""
+def capacity_kept(experts_BTk: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array, moe: MoEConfig) -> jax.Array:
+    """kept_BTk: the assignments capacity mode serves, by the per-document rule in the module
+    docstring."""
     batch, length, top_k = experts_BTk.shape
-    chosen_BTkE = jax.nn.one_hot(experts_BTk, n_experts, dtype=jnp.int32)
+    group_BT = positions_BT // moe.capacity_group
+    # A group starts at the row start and wherever the segment or the position group changes.
+    changed_BT = (segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]) | (group_BT[:, 1:] != group_BT[:, :-1])
+    starts_BT = jnp.concatenate([jnp.ones((batch, 1), bool), changed_BT], axis=1)
+    chosen_BTkE = jax.nn.one_hot(experts_BTk, moe.n_experts, dtype=jnp.int32)
     # Flattening (T, k) puts assignments in token order, a token's choices in rank order; the
-    # running count is each assignment's slot in its expert's buffer.
-    running_BME = jnp.cumsum(chosen_BTkE.reshape(batch, length * top_k, n_experts), axis=1)
-    slot_BTk = jnp.sum((running_BME.reshape(chosen_BTkE.shape) - 1) * chosen_BTkE, axis=-1)
-    kept_BTk = slot_BTk < capacity
-    slot_BTkC = jax.nn.one_hot(slot_BTk, capacity, dtype=jnp.float32) * kept_BTk[..., None]
-    chosen_BTkE = chosen_BTkE.astype(jnp.float32)
-    dispatch_BTEC = jnp.einsum("btke,btkc->btec", chosen_BTkE, slot_BTkC)
-    combine_BTEC = jnp.einsum("btke,btkc,btk->btec", chosen_BTkE, slot_BTkC, weights_BTk.astype(jnp.float32))
-    return dispatch_BTEC, combine_BTEC, kept_BTk
+    # running count per expert, less its value where the group started, is the rank in the group.
+    running_BTkE = jnp.cumsum(chosen_BTkE.reshape(batch, length * top_k, -1), axis=1).reshape(chosen_BTkE.shape)
+    before_BTE = running_BTkE[:, :, 0] - chosen_BTkE[:, :, 0]  # assignments of the earlier tokens
+    # Running counts never decrease, so the cummax holds the count at the latest group start.
+    group_base_BTE = jax.lax.cummax(jnp.where(starts_BT[..., None], before_BTE, 0), axis=1)
+    rank_BTk = jnp.sum((running_BTkE - 1 - group_base_BTE[:, :, None]) * chosen_BTkE, axis=-1)
+    return rank_BTk < expert_capacity(moe)
 
 
 def _grouped_swiglu(x_ND, experts_Nk, weights_Nk, gate_XDF, up_XDF, down_XFD, first_expert) -> jax.Array:
     """Dropless experts first_expert .. first_expert + X - 1 on the tokens routed to them; the
-    assignments to other experts (held by other shards) add nothing."""
+    assignments to other experts (held by other shards, or E: dropped) add nothing."""
     n_tokens, top_k = experts_Nk.shape
     n_local = gate_XDF.shape[0]
     local_M = experts_Nk.reshape(-1) - first_expert
@@ -173,11 +177,6 @@ class _MeshLayout:
     def size(self, axes: tuple[str, ...]) -> int:
         return math.prod(self.mesh.shape[a] for a in axes)
 
-    @property
-    def row_axes(self) -> tuple[str, ...]:
-        """Batch axes left for the rows of an expert-major buffer (its expert dim takes the rest)."""
-        return tuple(a for a in self.batch_axes if a not in self.expert_axes)
-
 
 def _mesh_axes(logical: str) -> tuple[str, ...]:
     axes = nn.logical_to_mesh_axes((logical,))[0]
@@ -195,19 +194,6 @@ def _active_layout() -> _MeshLayout | None:
 
 def _spec(*dims: tuple[str, ...]) -> P:
     return P(*(d if d else None for d in dims))
-
-
-def _capacity_ffn(x_BTD, experts_BTk, weights_BTk, params, capacity: int, layout: _MeshLayout | None):
-    dispatch_BTEC, combine_BTEC, kept_BTk = capacity_masks(experts_BTk, weights_BTk, params[0].shape[0], capacity)
-    x_EBCD = jnp.einsum("btec,btd->ebcd", dispatch_BTEC.astype(x_BTD.dtype), x_BTD)
-    if layout is not None:  # row-sharded -> expert-sharded: an all-to-all over the expert axes
-        expert_major = _spec(layout.expert_axes, layout.row_axes, (), ())
-        x_EBCD = jax.lax.with_sharding_constraint(x_EBCD, expert_major)
-    y_EBCD = _swiglu_experts(x_EBCD, *params)
-    if layout is not None:
-        y_EBCD = jax.lax.with_sharding_constraint(y_EBCD, expert_major)
-    y_BTD = jnp.einsum("btec,ebcd->btd", combine_BTEC, y_EBCD.astype(jnp.float32))
-    return y_BTD, kept_BTk
 
 
 def _dropless_ffn(x_BTD, experts_BTk, weights_BTk, params, layout: _MeshLayout | None) -> jax.Array:
@@ -259,15 +245,17 @@ class MoEFeedForward(nn.Module):
     """Routed SwiGLU experts (+ optional shared experts); sows its router statistics under STATS."""
 
     config: ModelConfig
+    decode: bool = False  # a KV-cache call (prefill or one step): never drops
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
         cfg, moe = self.config, self.config.moe
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        _, length, d_model = x_BTD.shape
+        batch, length, d_model = x_BTD.shape
         n_experts, d_ff = moe.n_experts, cfg.expert_d_ff
 
-        router_DE = self.param("router", partitioned_normal(cfg.init_std, ("embed", None)), (d_model, n_experts), param_dtype)
+        router_DE = self.param("router", partitioned_normal(init_std(cfg, "router"), ("embed", None)), (d_model, n_experts), param_dtype)
         logits_BTE = jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), router_DE.astype(jnp.float32))
         weights_BTk, experts_BTk, probs_BTE = route(logits_BTE, moe)
 
@@ -275,19 +263,22 @@ class MoEFeedForward(nn.Module):
             return self.param(name, partitioned_normal(std, axes), shape, param_dtype).astype(dtype)
 
         params = (
-            expert_param("gate", (n_experts, d_model, d_ff), ("expert", "embed", "mlp"), cfg.init_std),
-            expert_param("up", (n_experts, d_model, d_ff), ("expert", "embed", "mlp"), cfg.init_std),
-            expert_param("down", (n_experts, d_ff, d_model), ("expert", "mlp", "embed"), output_projection_std(cfg)),
+            expert_param("gate", (n_experts, d_model, d_ff), ("expert", "embed", "mlp"), init_std(cfg, "mlp_in")),
+            expert_param("up", (n_experts, d_model, d_ff), ("expert", "embed", "mlp"), init_std(cfg, "mlp_in")),
+            expert_param("down", (n_experts, d_ff, d_model), ("expert", "mlp", "embed"), init_std(cfg, "mlp_out")),
         )
         x_BTD = x_BTD.astype(dtype)
         layout = _active_layout()
-        if moe.dispatch == "capacity":
-            capacity = expert_capacity(length, moe)
-            y_BTD, kept_BTk = _capacity_ffn(x_BTD, experts_BTk, weights_BTk, params, capacity, layout)
+        served_BTk, dropped_fraction = experts_BTk, jnp.zeros((), jnp.float32)
+        if moe.dispatch == "capacity" and not self.decode:
+            if positions_BT is None:
+                positions_BT = jnp.broadcast_to(jnp.arange(length), (batch, length))
+            if segment_ids_BT is None:
+                segment_ids_BT = jnp.ones((batch, length), jnp.int32)
+            kept_BTk = capacity_kept(experts_BTk, positions_BT, segment_ids_BT, moe)
+            served_BTk = jnp.where(kept_BTk, experts_BTk, n_experts)  # expert E: no shard's, adds nothing
             dropped_fraction = jnp.mean(jnp.logical_not(kept_BTk).astype(jnp.float32))
-        else:
-            y_BTD = _dropless_ffn(x_BTD, experts_BTk, weights_BTk, params, layout)
-            dropped_fraction = jnp.zeros((), jnp.float32)
+        y_BTD = _dropless_ffn(x_BTD, served_BTk, weights_BTk, params, layout)
         y_BTD = nn.with_logical_constraint(y_BTD.astype(dtype), ("batch", "length", "embed"))
 
         if moe.n_shared_experts:

@@ -9,6 +9,7 @@ import jax
 import optax
 
 from lmjax.config import Config
+from lmjax.models.mup import lr_multipliers
 
 
 def make_schedule(cfg: Config) -> optax.Schedule:
@@ -59,19 +60,34 @@ def decay_mask(boxed_params: Any, decay_embeddings: bool) -> Any:
     return jax.tree_util.tree_map_with_path(is_decayed, nn.unbox(boxed_params))
 
 
+def scale_per_parameter(multipliers: Any) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by its Python float in `multipliers` (a tree like the
+    parameters; 1.0 leaves untouched); stateless."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: u if m == 1.0 else u * m, updates, multipliers), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: Config, boxed_params: Any) -> optax.GradientTransformation:
+    """AdamW after global-norm clipping. Under μP, microsoft/mup's MuAdamW: the Adam step of each
+    hidden matrix times 1/width multiplier, the decoupled decay step (lr * weight_decay * p) as SP's
+    (MuAdamW divides lr and multiplies weight_decay by m), so weight decay transfers across widths."""
     o = cfg.optim
     parts = []
     if o.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(o.grad_clip))
-    parts.append(
-        optax.adamw(
-            make_schedule(cfg),
-            b1=o.b1,
-            b2=o.b2,
-            eps=o.eps,
-            weight_decay=o.weight_decay,
-            mask=decay_mask(boxed_params, o.decay_embeddings),
-        )
-    )
+    mask = decay_mask(boxed_params, o.decay_embeddings)
+    if cfg.model.parameterization == "mup":
+        # optax.adamw's own chain with μP's factors between the Adam step and the decay
+        parts += [
+            optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+            scale_per_parameter(lr_multipliers(cfg.model, nn.unbox(boxed_params))),
+            optax.add_decayed_weights(o.weight_decay, mask),
+            optax.scale_by_learning_rate(make_schedule(cfg)),
+        ]
+    else:  # unchanged since before μP: the same optimizer state, so older checkpoints resume
+        parts.append(optax.adamw(make_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask))
     return optax.chain(*parts)
