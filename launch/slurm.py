@@ -64,18 +64,18 @@ def submit_train(args: argparse.Namespace) -> int:
 
 def submit_sweep(args: argparse.Namespace) -> int:
     from lmjax.scaling.plan import format_table, load_sweep, plan_sweep
-    from lmjax.scaling.sweep import SweepError, pending_runs, plan_difference, write_plan
+    from lmjax.scaling.sweep import SweepError, choose_learning_rates, pending_runs, plan_difference, write_plan
 
     executor = SlurmExecutor(slurm_resources(args) or SlurmResources(), parallel=args.parallel,
                              require_slurm=not args.dry_run)
     sweep, base_dir = load_sweep(args.sweep, args.overrides)
-    plan = plan_sweep(sweep, base_dir)
+    plan = choose_learning_rates(plan_sweep(sweep, base_dir), base_dir)
     print(format_table(plan), flush=True)
     if args.dry_run:
         difference = plan_difference(plan)
         if difference:
             raise SweepError(f"{plan.sweep_dir / 'plan.json'} holds a different plan ({difference})")
-        runs = [run for run in plan.runs if read_completed_summary(run.run_dir) is None]
+        runs = [run for run in plan.runs if not run.pending and read_completed_summary(run.run_dir) is None]
     else:
         write_plan(plan)
         runs, failures = pending_runs(plan)
@@ -91,6 +91,9 @@ def submit_sweep(args: argparse.Namespace) -> int:
         print(shlex.join(command))
         return 0
     job = executor.submit(runs)
+    if plan.pending:  # lr_rule grid or mup: the rest needs the tuning runs' learning rates
+        print(f"{len(plan.pending)} runs wait for the learning rates of the runs submitted now: rerun this "
+              f"command when job {job} is done to submit them")
     print(f"when job {job} is done (squeue --jobs={job} lists nothing): lmjax fit {plan.sweep_dir}; "
           "rerunning this submits the unfinished runs again")
     return 0

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lmjax.config import Config, load_config, replace
@@ -23,14 +24,36 @@ from lmjax.train.checkpoint import Checkpointer
 from lmjax.train.step import ModelSetup
 
 
-def evaluate(eval_step: Callable, task: Task, params: Any, frozen: Any, batches: list[dict], constants: Any) -> dict[str, float]:
-    """The task's eval metrics over `batches`: sums added up on the host, turned into means once."""
+def evaluate(eval_step: Callable, task: Task, params: Any, frozen: Any, batches: Iterable[dict], constants: Any) -> dict[str, float]:
+    """The task's eval metrics over `batches`: sums added up on the host, turned into means once.
+
+    Tasks whose sums hold `loss_sum` and `tokens` also get `eval_loss_stderr` from two batches on."""
     totals: dict[str, float] = {}
+    per_batch: list[tuple[float, float]] = []
     for batch in batches:
         sums = jax.device_get(eval_step(params, frozen, batch, constants))
         for name, value in sums.items():
             totals[name] = totals.get(name, 0.0) + float(value)
-    return task.eval_metrics(totals)
+        if "loss_sum" in sums and "tokens" in sums:
+            per_batch.append((float(sums["loss_sum"]), float(sums["tokens"])))
+    metrics = task.eval_metrics(totals)
+    if "eval_loss" in metrics and len(per_batch) >= 2:
+        metrics["eval_loss_stderr"] = ratio_stderr(*np.array(per_batch).T)
+    return metrics
+
+
+def ratio_stderr(loss_sums: np.ndarray, tokens: np.ndarray) -> float:
+    """Standard error of sum(loss_sums) / sum(tokens) with batches as the sampling units.
+
+    The delta-method (cluster) variance of a ratio mean: batches, not tokens, are treated as
+    independent, since tokens of one document are correlated. With equal token counts per batch it
+    is the standard deviation of the batch means over sqrt(batches)."""
+    n, total = len(tokens), tokens.sum()
+    if total <= 0:
+        return float("nan")
+    mean = loss_sums.sum() / total
+    residuals = loss_sums - mean * tokens
+    return float(np.sqrt(n / (n - 1) * np.sum(residuals**2)) / total)
 
 
 def eval_constants(setup: ModelSetup, data) -> Any:

@@ -275,15 +275,15 @@ def test_run_fit_writes_contracted_files(tmp_path):
 
     estimate = {"value", "ci_low", "ci_high"}
     assert json.loads((tmp_path / "fit.json").read_text()) == fit
-    assert set(fit) == {"param_convention", "n_runs", "approach3", "isoflop"}
-    assert fit["param_convention"] == "total" and fit["n_runs"] == 28
+    assert set(fit) == {"param_convention", "compute_convention", "n_runs", "approach3", "isoflop"}
+    assert fit["param_convention"] == "total" and fit["n_runs"] == 28 and fit["compute_convention"] == "6ND"
     assert set(fit["approach3"]) == {"E", "A", "B", "alpha", "beta", "a", "b", "tokens_per_param"}
     assert all(set(v) == estimate for v in fit["approach3"].values())
-    assert set(fit["isoflop"]) == {"budgets", "a", "b"}
-    assert set(fit["isoflop"]["a"]) == estimate and set(fit["isoflop"]["b"]) == estimate
+    assert set(fit["isoflop"]) == {"budgets", "a", "b", "a_counted", "b_counted"}
+    assert all(set(fit["isoflop"][key]) == estimate for key in ("a", "b", "a_counted", "b_counted"))
     assert [b["C"] for b in fit["isoflop"]["budgets"]] == list(BUDGETS)
     for budget in fit["isoflop"]["budgets"]:
-        assert set(budget) == {"C", "N_opt", "D_opt", "loss_min", "n_runs", "warning"}
+        assert set(budget) == {"C", "C_6ND", "N_opt", "D_opt", "loss_min", "n_runs", "warning"}
         assert set(budget["N_opt"]) == estimate and set(budget["D_opt"]) == estimate and budget["n_runs"] == 7
         assert budget["N_opt"]["ci_low"] <= budget["N_opt"]["value"] <= budget["N_opt"]["ci_high"]
     for name in ("isoflop.png", "loss_vs_compute.png", "optimal_scaling.png", "contours.png"):
@@ -318,3 +318,68 @@ def test_budgets_are_grouped_by_a_log_tolerance_not_by_rounding():
     assert list(planned) == [1e17, 1e18] and [len(g) for g in planned.values()] == [3, 1]
     # Beyond the tolerance (10%): separate groups, even when rounding would merge them.
     assert len(fitlib.group_by_budget([run(1.00e15), run(1.14e15)])) == 2
+
+
+# ----------------------------------------------------------------------------- units, seeds and eval noise
+
+
+def counted_isoflop_runs(noise=0.0):
+    """IsoFLOP grids whose budgets are counted FLOPs k(N) N D, with k falling from ~12 to ~6.3 as N
+    grows (attention and logits weigh more in small models): the law's optimum is in C = 6ND."""
+    rng = np.random.default_rng(0)
+    runs = []
+    for budget in BUDGETS:
+        for n in brute_force_n_opt(budget / 1.5) * np.geomspace(0.4, 2.5, 7):
+            k = 6.0 * (1.0 + (2e8 / n) ** 0.5)
+            d = budget / (k * n)
+            loss = chinchilla_loss(n, d) * math.exp(rng.normal(0, noise))
+            runs.append(RunRecord(f"C{budget:.0e}_N{n:.3g}", n, d, loss, flops=k * n * d, budget=budget))
+    return runs
+
+
+def test_approach2_states_exponents_against_6nd():
+    runs = counted_isoflop_runs()
+    fit = fitlib.fit_approach2(runs)
+    # By hand: each budget's optimum along its counted iso-FLOP curve by brute force, then the
+    # exponent of N_opt against that optimum's 6 N D and against the counted budget.
+    n_line = np.geomspace(1e6, 1e11, 40001)
+    k_line = 6.0 * (1.0 + (2e8 / n_line) ** 0.5)
+    n_opt = np.array([n_line[np.argmin(chinchilla_loss(n_line, C / (k_line * n_line)))] for C in BUDGETS])
+    d_opt = np.array([C / (6.0 * (1.0 + (2e8 / n) ** 0.5) * n) for C, n in zip(BUDGETS, n_opt)])
+    a_6nd = np.polyfit(np.log(6 * n_opt * d_opt), np.log(n_opt), 1)[0]
+    a_counted = np.polyfit(np.log(BUDGETS), np.log(n_opt), 1)[0]
+    assert a_counted - a_6nd > 0.03  # the units matter at this scale
+    assert fit.a == pytest.approx(a_6nd, abs=0.01)
+    assert fit.a_counted == pytest.approx(a_counted, abs=0.01)
+    assert fit.b == pytest.approx(np.polyfit(np.log(6 * n_opt * d_opt), np.log(d_opt), 1)[0], abs=0.01)
+    for budget, n in zip(fit.budgets, n_opt):
+        assert budget.C_6nd == pytest.approx(6.0 * budget.N_opt * budget.D_opt)
+        assert budget.N_opt == pytest.approx(n, rel=0.05)
+
+
+def test_seeds_are_averaged_before_the_best_lr_is_kept(tmp_path):
+    # Two settings at one budget and size: lr 1e-3 is better on average, lr 3e-3 wins one seed.
+    rows = [[1e6, 2e7, loss, 1e14, lr, seed, f"N1e6_lr{lr}_s{seed}"]
+            for lr, losses in ((1e-3, (3.00, 3.10)), (3e-3, (2.98, 3.30))) for seed, loss in enumerate(losses)]
+    rows += [[2e6, 1e7, 3.2, 1e14, 1e-3, 0, "N2e6"]]
+    source = write_csv(tmp_path / "runs.csv", rows, ["params", "tokens", "loss", "budget", "lr", "seed", "name"])
+    table = load_run_table(source)
+    assert table.n_lr_dropped == 1 and len(table.completed) == 5
+    (averaged,) = [r for r in table.runs if r.params == 1e6]
+    assert averaged.lr == 1e-3 and averaged.loss == pytest.approx(3.05) and averaged.seed_losses == (3.00, 3.10)
+    assert averaged.name == "N1e6_lr0.001"
+    assert averaged.seed_spread == pytest.approx(np.std([3.00, 3.10], ddof=1))
+    assert averaged.loss_stderr == pytest.approx(np.std([3.00, 3.10], ddof=1) / math.sqrt(2))
+    (single,) = [r for r in table.runs if r.params == 2e6]
+    assert single.seed_losses == () and single.seed_spread is None
+
+
+def test_eval_loss_stderr_is_the_batch_clustered_error():
+    from lmjax.evaluate import ratio_stderr
+
+    # Equal tokens per batch: the standard error of the batch means.
+    means, tokens = np.array([2.0, 2.5, 3.0, 2.1]), np.full(4, 100.0)
+    assert ratio_stderr(means * tokens, tokens) == pytest.approx(np.std(means, ddof=1) / 2)
+    # Unequal tokens: by hand, mean = 11/5 = 2.2, residuals 4 - 2.2*1 = 1.8 and 7 - 2.2*4 = -1.8,
+    # sqrt(2 / 1 * (1.8^2 + 1.8^2)) / 5 = 3.6 / 5.
+    assert ratio_stderr(np.array([4.0, 7.0]), np.array([1.0, 4.0])) == pytest.approx(0.72)

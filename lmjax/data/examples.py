@@ -213,6 +213,9 @@ class ExampleData(Data):
 
     empty_validation: str = field(default="the validation split has no examples", repr=False)
 
+    def validation_batches(self) -> int:
+        return max(1, math.ceil(self.layout.num_rows(self.validation, self.seq_len) / self.global_batch_size))
+
     def eval_batches(self, n: int, process_index: int = 0, process_count: int = 1) -> list[Batch]:
         n_rows = self.layout.num_rows(self.validation, self.seq_len)
         if n_rows == 0:

@@ -217,6 +217,10 @@ class Data:
         }
         return TrainIterator(iterator, identity)
 
+    def validation_batches(self) -> int:
+        """How many eval batches the validation split fills without reading a row twice (at least 1)."""
+        return max(1, self.layout.num_rows(self.validation, self.seq_len) // self.global_batch_size)
+
     def eval_batches(self, n: int, process_index: int = 0, process_count: int = 1) -> list[Batch]:
         """The first `n` validation batches (host-local), the same on every call; rows wrap around."""
         n_rows = self.layout.num_rows(self.validation, self.seq_len)

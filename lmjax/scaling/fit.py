@@ -11,6 +11,11 @@ D_opt(C) = C / (k N_opt) where k is the runs' own FLOPs per (parameter x token),
 log N between the budget's runs (6 when the runs carry no FLOP count), so N_opt D_opt k = C holds
 in the runs' own accounting whatever the parameter convention.
 
+Both approaches state their exponents against the same compute, C = 6ND (fit.json's
+`compute_convention`): Approach 3's allocation is derived under it, and Approach 2's lines are
+fitted against each budget's 6 N_opt D_opt. Budgets counted by lmjax.flops are k N D with k > 6 and
+falling with N at small scale, so exponents against counted FLOPs (kept as `a_counted`) differ.
+
 Confidence intervals are 2.5/97.5 percentiles of a bootstrap over runs, deterministic given a seed.
 The JSON written by `FitResult.to_json` is a contract read by other tools; `predict` reads it back.
 """
@@ -244,13 +249,18 @@ def flops_per_param_token(runs: list[RunRecord], n: float) -> float:
 
 @dataclass(frozen=True)
 class BudgetFit:
-    C: float
+    C: float  # as counted (the planned budget or the runs' FLOPs)
     runs: list[RunRecord]
     coefficients: np.ndarray | None  # loss = polyval(coefficients, log N)
     N_opt: float | None
     D_opt: float | None
     loss_min: float | None
     warning: str | None
+
+    @property
+    def C_6nd(self) -> float | None:
+        """The budget in C = 6ND units at its optimum."""
+        return None if self.N_opt is None else 6.0 * self.N_opt * self.D_opt
 
 
 def fit_budget(C: float, runs: list[RunRecord]) -> BudgetFit:
@@ -273,10 +283,12 @@ def fit_budget(C: float, runs: list[RunRecord]) -> BudgetFit:
 @dataclass(frozen=True)
 class Approach2Fit:
     budgets: list[BudgetFit]  # every budget with enough sizes; those with a minimum enter the line fits
-    a: float
+    a: float  # against C = 6ND
     b: float
-    log_n_intercept: float  # log N_opt = a log C + log_n_intercept
+    log_n_intercept: float  # log N_opt = a log C_6nd + log_n_intercept
     log_d_intercept: float
+    a_counted: float  # against the budgets as counted
+    b_counted: float
 
 
 def fit_approach2(runs: list[RunRecord]) -> Approach2Fit | str:
@@ -290,10 +302,11 @@ def fit_approach2(runs: list[RunRecord]) -> Approach2Fit | str:
     minima = [fit for fit in budgets if fit.N_opt is not None]
     if len(minima) < MIN_BUDGETS:
         return f"Approach 2: only {len(minima)} budget(s) have a parabola minimum; need >= {MIN_BUDGETS}"
-    log_c = np.log([fit.C for fit in minima])
-    a, log_n0 = np.polyfit(log_c, np.log([fit.N_opt for fit in minima]), 1)
-    b, log_d0 = np.polyfit(log_c, np.log([fit.D_opt for fit in minima]), 1)
-    return Approach2Fit(budgets, float(a), float(b), float(log_n0), float(log_d0))
+    log_n, log_d = np.log([fit.N_opt for fit in minima]), np.log([fit.D_opt for fit in minima])
+    log_c6, log_c = np.log([fit.C_6nd for fit in minima]), np.log([fit.C for fit in minima])
+    (a, log_n0), (b, log_d0) = np.polyfit(log_c6, log_n, 1), np.polyfit(log_c6, log_d, 1)
+    a_counted, b_counted = np.polyfit(log_c, log_n, 1)[0], np.polyfit(log_c, log_d, 1)[0]
+    return Approach2Fit(budgets, float(a), float(b), float(log_n0), float(log_d0), float(a_counted), float(b_counted))
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -314,13 +327,15 @@ def bootstrap_approach2(fit: Approach2Fit, n_resamples: int, rng: np.random.Gene
                 d_opt[i, j] = budget.C / (flops_per_param_token(budget.runs, n_opt[i, j]) * n_opt[i, j])
     in_line_fit = np.array([budget.N_opt is not None for budget in fit.budgets])
     log_c = np.log([budget.C for budget in fit.budgets])
-    exponents = np.full((n_resamples, 2), np.nan)
+    log_c6 = np.log(6.0 * n_opt * d_opt)  # each resample's optimum in C = 6ND units
+    exponents = np.full((n_resamples, 4), np.nan)
     for i in range(n_resamples):
         usable = in_line_fit & np.isfinite(n_opt[i])
         if usable.sum() >= MIN_BUDGETS:
-            exponents[i, 0] = np.polyfit(log_c[usable], np.log(n_opt[i, usable]), 1)[0]
-            exponents[i, 1] = np.polyfit(log_c[usable], np.log(d_opt[i, usable]), 1)[0]
-    return {"N_opt": n_opt, "D_opt": d_opt, "a": exponents[:, 0], "b": exponents[:, 1]}
+            log_n, log_d = np.log(n_opt[i, usable]), np.log(d_opt[i, usable])
+            exponents[i] = [np.polyfit(x, y, 1)[0] for x in (log_c6[i, usable], log_c[usable]) for y in (log_n, log_d)]
+    return {"N_opt": n_opt, "D_opt": d_opt, "a": exponents[:, 0], "b": exponents[:, 1],
+            "a_counted": exponents[:, 2], "b_counted": exponents[:, 3]}
 
 
 def bootstrap_approach3(fit: Approach3Fit, runs: list[RunRecord], n_resamples: int, largest_budget: float,
@@ -364,7 +379,7 @@ class FitResult:
 
     def to_json(self) -> dict:
         """The fit.json contract."""
-        return {"param_convention": self.param_convention, "n_runs": len(self.runs),
+        return {"param_convention": self.param_convention, "compute_convention": "6ND", "n_runs": len(self.runs),
                 "approach3": self._approach3_json(), "isoflop": self._approach2_json()}
 
     def _approach3_json(self) -> dict:
@@ -381,13 +396,13 @@ class FitResult:
         if isinstance(self.approach2, str):
             return {"skipped": self.approach2}
         samples = self.approach2_samples
-        budgets = [{"C": budget.C,
+        budgets = [{"C": budget.C, "C_6ND": budget.C_6nd,
                     "N_opt": _estimate(budget.N_opt, samples["N_opt"][:, j] if samples else None),
                     "D_opt": _estimate(budget.D_opt, samples["D_opt"][:, j] if samples else None),
                     "loss_min": budget.loss_min, "n_runs": len(budget.runs), "warning": budget.warning}
                    for j, budget in enumerate(self.approach2.budgets)]
-        return {"budgets": budgets, "a": _estimate(self.approach2.a, samples.get("a")),
-                "b": _estimate(self.approach2.b, samples.get("b"))}
+        return {"budgets": budgets, **{key: _estimate(getattr(self.approach2, key), samples.get(key))
+                                       for key in ("a", "b", "a_counted", "b_counted")}}
 
 
 def _estimate(value: float | None, samples: np.ndarray | None) -> dict:

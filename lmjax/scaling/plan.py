@@ -17,8 +17,12 @@ Rules, all settings of the sweep file:
   (Hoffmann et al. 2022: a cosine longer than the run overestimates its loss), after a linear
   warmup of min(`max_warmup_steps`, `warmup_fraction` x steps) steps (Porian et al. 2024: long
   warmups hurt small-budget runs).
-- Learning rate: the base config's `optim.lr`, or every value of `lr_grid` for every size; the fit
-  keeps the best run per (budget, size).
+- Learning rate: by `lr_rule` (`lr_rules.py`): every value of `lr_grid` (or the base's `optim.lr`)
+  at every point (fixed), tuned per size at the smallest budget (grid), or tuned once at μP's base
+  width and transferred (mup); the fit keeps the best run per (budget, size).
+- Seeds: each run once per value of `seeds` (config key `seed`); the fit averages them per point.
+- Final eval: every run's last evaluation reads `eval_tokens` validation tokens (at most the
+  whole split; `train.final_eval_tokens`), the loss the fit reads, with its standard error.
 - Sizes: explicit shapes (any `model.*` keys) or target parameter counts `{params: 2e6}`, turned
   into shapes by `shape_for_params` under the rules of the `shape` section (documented there).
   N is counted by `flops.param_counts` under `param_convention`, recorded in plan.json.
@@ -37,31 +41,9 @@ from lmjax import flops
 from lmjax.tasks import build_task
 from lmjax.config import Config, ConfigError, ModelConfig, build, flatten_dotted, load_config, load_yaml, parse_override
 from lmjax.config import replace, to_dict, validate
-from lmjax.scaling.runs import PARAM_CONVENTIONS, params_under_convention
-
-SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-
-
-@dataclass(frozen=True)
-class ShapeRules:
-    """How a target parameter count becomes a model shape (vocab, style and the rest come from the base).
-
-    Candidates: every (n_layers, d_model) with d_model a multiple of head_dim x query_groups and
-    d_model / n_layers within a factor `aspect_tolerance` of `aspect_ratio`, with heads = d_model /
-    head_dim, key/value heads = heads / query_groups, and d_ff = d_ff_ratio x d_model rounded to a
-    multiple of `d_ff_multiple`. Among the candidates whose counted parameters are within
-    `param_tolerance` of the target, the one with d_model / n_layers closest to `aspect_ratio` wins;
-    if there is none, the one with the closest count (and the plan warns).
-    """
-
-    aspect_ratio: float = 32.0  # d_model / n_layers (Kaplan et al. 2020: loss is flat over a wide range)
-    aspect_tolerance: float = 2.0
-    head_dim: int = 32
-    query_groups: int = 1  # query heads per key/value head; 1 = plain multi-head attention
-    d_ff_ratio: float | None = None  # None: 8/3 for SwiGLU (llama; same matmul params as a 4x GELU MLP), 4 for gpt2
-    d_ff_multiple: int = 64
-    param_tolerance: float = 0.05
-    max_layers: int = 128
+from lmjax.scaling import lr_rules
+from lmjax.scaling.runs import PARAM_CONVENTIONS
+from lmjax.scaling.shapes import SHAPE_KEYS, ShapeRules, count_params, shape_for_params  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -97,6 +79,9 @@ class SweepConfig:
     sizes: Any = ()
     param_convention: str = field(default="total", metadata={"choices": PARAM_CONVENTIONS})
     lr_grid: tuple[float, ...] = ()
+    lr_rule: str = field(default="fixed", metadata={"choices": lr_rules.LR_RULES})  # lr_rules.py
+    seeds: tuple[int, ...] = ()  # () = the base config's seed, once
+    eval_tokens: int = 1_000_000  # each run's final eval: at least this many validation tokens, at most the split
     schedule: ScheduleRules = field(default_factory=ScheduleRules)
     shape: ShapeRules = field(default_factory=ShapeRules)
     predict: PredictSettings = field(default_factory=PredictSettings)
@@ -113,61 +98,6 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return sweep, path.parent
 
 
-# ----------------------------------------------------------------------------- parameter counts and shapes
-
-
-def count_params(model: ModelConfig, convention: str) -> int:
-    """N of a model under a convention (`runs.params_under_convention`): `non_embedding_with_head` adds a
-    tied output head (an untied one is already in); `active` counts what one token uses (MoE: router,
-    shared and top-k routed experts)."""
-    if convention not in PARAM_CONVENTIONS:
-        raise ConfigError(f"param_convention: expected one of {', '.join(PARAM_CONVENTIONS)}, got {convention!r}")
-    return params_under_convention(flops.param_counts(model), convention, model.vocab_size * model.d_model)
-
-
-def _shape(base: ModelConfig, rules: ShapeRules, d_model: int, n_layers: int) -> ModelConfig:
-    ratio = rules.d_ff_ratio if rules.d_ff_ratio is not None else (8 / 3 if base.style == "llama" else 4.0)
-    d_ff = max(rules.d_ff_multiple, round(ratio * d_model / rules.d_ff_multiple) * rules.d_ff_multiple)
-    n_heads = d_model // rules.head_dim
-    n_kv_heads = None if rules.query_groups == 1 else n_heads // rules.query_groups
-    return dataclasses.replace(base, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                               n_kv_heads=n_kv_heads, head_dim=None, d_ff=d_ff)
-
-
-def shape_for_params(target: float, base: ModelConfig, rules: ShapeRules, convention: str) -> ModelConfig:
-    """The model shape for a target parameter count (rules: `ShapeRules`)."""
-    if target <= 0:
-        raise ConfigError(f"sizes: params must be > 0, got {target}")
-    for key in ("head_dim", "query_groups", "d_ff_multiple", "max_layers", "aspect_ratio"):
-        if getattr(rules, key) <= 0:
-            raise ConfigError(f"shape.{key} must be > 0, got {getattr(rules, key)}")
-    if rules.aspect_tolerance < 1:
-        raise ConfigError(f"shape.aspect_tolerance is a factor >= 1, got {rules.aspect_tolerance}")
-    unit = rules.head_dim * rules.query_groups
-    best, best_cost = None, None
-    for n_layers in range(1, rules.max_layers + 1):
-        target_width = rules.aspect_ratio * n_layers
-        low, high = target_width / rules.aspect_tolerance, target_width * rules.aspect_tolerance
-        widths = list(range(max(unit, math.ceil(low / unit) * unit), math.floor(high / unit) * unit + 1, unit))
-        widths = widths or [max(unit, round(target_width / unit) * unit)]  # band narrower than a unit
-        for d_model in widths:
-            model = _shape(base, rules, d_model, n_layers)
-            count_error = abs(math.log(count_params(model, convention) / target))
-            aspect_error = abs(math.log(d_model / n_layers / rules.aspect_ratio))
-            if count_error <= math.log1p(rules.param_tolerance):  # close enough: the aspect ratio decides
-                cost = (0, aspect_error, count_error)
-            else:
-                cost = (1, count_error, aspect_error)
-            if best_cost is None or cost < best_cost:
-                best, best_cost = model, cost
-        if count_params(_shape(base, rules, widths[0], n_layers), convention) > 4 * target:
-            break  # deeper models only get larger
-    return best
-
-
-# ----------------------------------------------------------------------------- the plan
-
-
 def format_number(x: float, digits: int = 3) -> str:
     """Compact scientific text for names and tables: 1e+13 -> 1e13, 2.13e+05 -> 2.13e5."""
     text = f"{x:.{digits}g}"
@@ -181,12 +111,18 @@ def format_number(x: float, digits: int = 3) -> str:
 class PlannedRun:
     name: str
     budget: float
-    lr: float
+    lr: float | None  # None: pending, chosen from tuning runs that have not finished yet
     steps: int
     warmup_steps: int
-    config: Config  # the complete training config of the run
+    config: Config  # the complete training config of the run (while pending: with the base's lr)
     overrides: tuple[str, ...]  # what the run changes relative to the plan's base config
     params: int  # under the sweep's param_convention
+    lr_source: str = "fixed"  # fixed, grid (a tuning run), tuned, interpolated, nearest, transferred, pending
+    seed: int | None = None  # None: the base config's seed
+
+    @property
+    def pending(self) -> bool:
+        return self.lr is None
 
     @property
     def tokens(self) -> int:
@@ -210,6 +146,8 @@ class PlannedRun:
             "name": self.name,
             "budget": self.budget,
             "lr": self.lr,
+            "lr_source": self.lr_source,
+            "seed": self.seed,
             "shape": {key: getattr(self.config.model, key) for key in SHAPE_KEYS},
             "params": self.params,
             "params_total": counts["total"],
@@ -224,7 +162,7 @@ class PlannedRun:
             "flops_error": self.flops / self.budget - 1.0,
             "tokens_per_param": self.tokens / self.params,
             "run_dir": self.config.run_dir,
-            "overrides": list(self.overrides),
+            "overrides": [] if self.pending else list(self.overrides),
         }
 
 
@@ -234,10 +172,15 @@ class SweepPlan:
     base: Config  # base config with base_overrides applied
     runs: tuple[PlannedRun, ...]
     warnings: tuple[str, ...]
+    lr_choice: lr_rules.LRChoice | None = None  # what the tuning runs chose (rules grid and mup)
 
     @property
     def sweep_dir(self) -> Path:
         return Path(self.sweep.sweep_dir)
+
+    @property
+    def pending(self) -> list[PlannedRun]:
+        return [run for run in self.runs if run.pending]
 
     def to_json(self) -> dict[str, Any]:
         base = to_dict(self.base)
@@ -247,6 +190,10 @@ class SweepPlan:
             "param_convention": self.sweep.param_convention,
             "budgets": list(self.sweep.budgets),
             "predict": to_dict(self.sweep.predict),
+            "lr_rule": self.sweep.lr_rule,
+            "lr_choice": self.lr_choice.to_json() if self.lr_choice else None,
+            "seeds": list(self.sweep.seeds),
+            "eval_tokens": self.sweep.eval_tokens,
             "base_config": base,
             "runs": [run.to_json() for run in self.runs],
         }
@@ -318,6 +265,11 @@ def _check(sweep: SweepConfig) -> None:
         raise ConfigError(f"budgets: each budget once, got {list(sweep.budgets)}")
     if any(lr <= 0 for lr in sweep.lr_grid):
         raise ConfigError(f"lr_grid: learning rates must be > 0, got {list(sweep.lr_grid)}")
+    lr_rules.check_rule(sweep.lr_rule, sweep.lr_grid)
+    if len(set(sweep.seeds)) != len(sweep.seeds) or any(seed < 0 for seed in sweep.seeds):
+        raise ConfigError(f"seeds: expected distinct integers >= 0, got {list(sweep.seeds)}")
+    if sweep.eval_tokens < 0:
+        raise ConfigError(f"eval_tokens: expected >= 0 (0: the base config's train.eval_batches), got {sweep.eval_tokens}")
     rules = sweep.schedule
     if rules.min_steps < 1 or not 0 < rules.flops_tolerance < 1 or not 0 <= rules.warmup_fraction < 1:
         raise ConfigError("schedule: expected min_steps >= 1, flops_tolerance in (0, 1), warmup_fraction in [0, 1)")
@@ -341,8 +293,8 @@ def steps_for_budget(budget: float, model: ModelConfig, batch_size: int, seq_len
     return steps, None
 
 
-def _planned_run(sweep: SweepConfig, base: Config, budget: float, model: ModelConfig, steps: int, lr: float,
-                 name: str, where: str) -> PlannedRun:
+def _planned_run(sweep: SweepConfig, base: Config, budget: float, model: ModelConfig, steps: int, lr: float | None,
+                 name: str, where: str, lr_source: str, seed: int | None) -> PlannedRun:
     rules = sweep.schedule
     warmup = min(rules.max_warmup_steps, round(rules.warmup_fraction * steps))
     changes = {
@@ -351,10 +303,12 @@ def _planned_run(sweep: SweepConfig, base: Config, budget: float, model: ModelCo
         **{f"model.{key}": value for key, value in to_dict(model).items()
            if key not in SHAPE_KEYS and value != to_dict(base.model)[key]},
         "train.steps": steps,
-        "optim.lr": lr,
+        "optim.lr": lr if lr is not None else base.optim.lr,
         "optim.schedule": "cosine",
         "optim.min_lr_ratio": rules.min_lr_ratio,
         "optim.warmup_steps": warmup,
+        **({"train.final_eval_tokens": sweep.eval_tokens} if sweep.eval_tokens else {}),
+        **({"seed": seed} if seed is not None else {}),
     }
     try:
         config = replace(base, **changes)
@@ -362,20 +316,18 @@ def _planned_run(sweep: SweepConfig, base: Config, budget: float, model: ModelCo
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     overrides = tuple(_as_override(key, value) for key, value in changes.items())
-    return PlannedRun(name, budget, lr, steps, warmup, config, overrides, count_params(model, sweep.param_convention))
+    return PlannedRun(name, budget, lr, steps, warmup, config, overrides, count_params(model, sweep.param_convention),
+                      "pending" if lr is None else lr_source, seed)
 
 
-def plan_sweep(sweep: SweepConfig, base_dir: Path) -> SweepPlan:
-    """Every (budget, size, lr) as a training config whose counted FLOPs match the budget."""
-    _check(sweep)
-    base = resolve_base(sweep, base_dir)
-    lrs = sweep.lr_grid or (base.optim.lr,)
-    runs: list[PlannedRun] = []
-    warnings = []
+def _models_per_budget(sweep: SweepConfig, base: Config) -> tuple[dict[float, list[tuple[str, ModelConfig]]], list[str]]:
+    """{budget: [(where, model)]} in plan order, one entry per distinct shape, and the warnings."""
+    per_budget, warnings = {}, []
     for budget, entries in sorted(_sizes_per_budget(sweep).items()):
         if not entries:
             raise ConfigError(f"sizes: the list for budget {format_number(budget)} is empty")
         models: dict[int, ModelConfig] = {}  # total parameters -> shape, at this budget
+        per_budget[budget] = []
         for i, entry in enumerate(entries):
             where = f"sizes[{i}]" if isinstance(sweep.sizes, (list, tuple)) else f"sizes.{format_number(budget)}[{i}]"
             model = model_for_size(entry, where, base.model, sweep)
@@ -391,21 +343,63 @@ def plan_sweep(sweep: SweepConfig, base_dir: Path) -> SweepPlan:
                 warnings.append(f"{where}: same shape as an earlier size at C={format_number(budget)}; planned once")
                 continue
             models[total] = model
+            per_budget[budget].append((where, model))
+    return per_budget, warnings
+
+
+def plan_sweep(sweep: SweepConfig, base_dir: Path, lr_choice: lr_rules.LRChoice | None = None) -> SweepPlan:
+    """Every (budget, size, lr, seed) as a training config whose counted FLOPs match the budget.
+
+    Under lr_rule grid or mup, the runs whose learning rate the tuning runs decide are pending
+    until `lr_choice` (from those runs' results, `sweep.choose_learning_rates`) is given."""
+    _check(sweep)
+    base = resolve_base(sweep, base_dir)
+    per_budget, warnings = _models_per_budget(sweep, base)
+    smallest = min(per_budget)
+    rule = sweep.lr_rule
+    base_width = None
+    if rule == "mup":
+        base_width = lr_rules.mup_base_width(base.model, [m for _, m in per_budget[smallest]])
+        if sweep.lr_grid and base_width not in [m.d_model for _, m in per_budget[smallest]]:
+            raise ConfigError(f"lr_rule mup tunes at the base width {base_width} at C={format_number(smallest)}, "
+                              f"but no size there has that d_model (widths {[m.d_model for _, m in per_budget[smallest]]})")
+    seeds: tuple[int | None, ...] = tuple(sweep.seeds) or (None,)
+    runs: list[PlannedRun] = []
+    for budget, models in per_budget.items():
+        for where, model in models:
+            if rule == "mup":  # sizes grow by heads of a fixed size: attention keeps SP's 1/sqrt(head_dim)
+                model = dataclasses.replace(model, parameterization="mup", mup_base_width=base_width,
+                                            head_dim=model.head_size)
+            params = count_params(model, sweep.param_convention)
+            total = flops.param_counts(model)["total"]
             steps, drop_reason = steps_for_budget(budget, model, base.data.global_batch_size, base.data.seq_len,
                                                   sweep.schedule, build_task(base).decoder_len())
             if drop_reason:
                 warnings.append(f"dropped C={format_number(budget)} N={format_number(params)} ({where}): {drop_reason}")
                 continue
+            if lr_rules.is_tuning_run(rule, sweep.lr_grid, budget == smallest, model, base_width):
+                lrs, source = sweep.lr_grid, "grid"
+            elif rule == "fixed" or (rule == "mup" and not sweep.lr_grid):
+                lrs, source = sweep.lr_grid or (base.optim.lr,), "fixed"
+            elif lr_choice is None:
+                lrs, source = (None,), "pending"
+            else:
+                lr, source = lr_choice.lr_for(total)
+                lrs = (lr,)
             for lr in lrs:
-                name = f"C{format_number(budget)}_N{total}" + (f"_lr{format_number(lr)}" if len(lrs) > 1 else "")
-                runs.append(_planned_run(sweep, base, budget, model, steps, lr, name, where))
+                for seed in seeds:
+                    name = (f"C{format_number(budget)}_N{total}" + (f"_lr{format_number(lr)}" if len(lrs) > 1 else "")
+                            + (f"_s{seed}" if len(seeds) > 1 else ""))
+                    runs.append(_planned_run(sweep, base, budget, model, steps, lr, name, where, source, seed))
         sizes_kept = {run.params for run in runs if run.budget == budget}
         if len(sizes_kept) < 3:
             warnings.append(f"budget C={format_number(budget)} has {len(sizes_kept)} size(s); "
                             "an IsoFLOP parabola needs >= 3")
     if not runs:
         raise ConfigError("the sweep plans no runs: every (budget, size) was dropped (" + "; ".join(warnings) + ")")
-    return SweepPlan(sweep, base, tuple(runs), tuple(dict.fromkeys(warnings)))  # a shared size warns once
+    if lr_choice is not None:
+        warnings += lr_choice.warnings()
+    return SweepPlan(sweep, base, tuple(runs), tuple(dict.fromkeys(warnings)), lr_choice)  # a shared size warns once
 
 
 def format_table(plan: SweepPlan) -> str:
@@ -418,7 +412,7 @@ def format_table(plan: SweepPlan) -> str:
         rows.append((run.name, str(m.d_model), str(m.n_layers), str(m.n_heads), str(m.d_ff),
                      f"{entry['params_total']:,}", f"{entry['params_non_embedding']:,}", f"{run.tokens:,}",
                      str(run.steps), format_number(run.budget), f"{entry['flops_error']:+.2%}",
-                     f"{entry['tokens_per_param']:.1f}", format_number(run.lr)))
+                     f"{entry['tokens_per_param']:.1f}", "pending" if run.pending else format_number(run.lr)))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in (header, *rows)]

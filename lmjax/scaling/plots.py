@@ -49,6 +49,10 @@ def plot_isoflop(result: FitResult, figure: Figure) -> None:
     for C, runs in groups.items():
         n = np.array([r.params for r in runs])
         axes.scatter(n, [r.loss for r in runs], color=colors[C], label=f"C = {C:.2g}", zorder=3)
+        spread = [(r.params, r.loss, r.seed_spread) for r in runs if r.seed_spread is not None]
+        if spread:  # points averaged over seeds: one standard deviation of the seeds' losses
+            axes.errorbar(*zip(*[(x, y) for x, y, _ in spread]), yerr=[e for *_, e in spread], fmt="none",
+                          ecolor=colors[C], capsize=2, zorder=2)
         budget = fitted.get(C)
         if budget is None or budget.coefficients is None:
             continue
@@ -57,7 +61,7 @@ def plot_isoflop(result: FitResult, figure: Figure) -> None:
         if budget.N_opt is not None:
             axes.scatter([budget.N_opt], [budget.loss_min], marker="*", s=160, color=colors[C], edgecolor="k", zorder=4)
     axes.set(xscale="log", xlabel=f"parameters N ({result.param_convention})", ylabel="final eval loss",
-             title="IsoFLOP profiles (Approach 2); stars: parabola minima")
+             title="IsoFLOP profiles (Approach 2); stars: parabola minima; bars: seeds' std")
     if isinstance(result.approach2, str):
         axes.set_title(f"IsoFLOP profiles; Approach 2 skipped:\n{result.approach2}", fontsize=8)
     axes.legend(fontsize=7)
@@ -90,11 +94,11 @@ def plot_loss_vs_compute(result: FitResult, figure: Figure) -> None:
     axes.legend(fontsize=7)
 
 
-def _anchor(result: FitResult, c_grid: np.ndarray) -> tuple[float, float, float] | None:
+def _anchor(result: FitResult, c_grid_6nd: np.ndarray) -> tuple[float, float, float] | None:
     """(C, N, D) through which the published exponents are drawn: mid-range on the fitted lines."""
-    c_mid = float(np.sqrt(c_grid[0] * c_grid[-1]))
+    c_mid = float(np.sqrt(c_grid_6nd[0] * c_grid_6nd[-1]))
     if not isinstance(result.approach3, str):
-        n_mid, d_mid = result.approach3.law.compute_optimal(c_mid * _six_nd_per_counted_flop(result))
+        n_mid, d_mid = result.approach3.law.compute_optimal(c_mid)
         return c_mid, float(n_mid), float(d_mid)
     if not isinstance(result.approach2, str):
         fit = result.approach2
@@ -104,8 +108,9 @@ def _anchor(result: FitResult, c_grid: np.ndarray) -> tuple[float, float, float]
 
 
 def plot_optimal_scaling(result: FitResult, figure: Figure) -> None:
+    """N_opt and D_opt against compute in C = 6ND units, the one both approaches' exponents use."""
     axes_n, axes_d = figure.subplots(1, 2)
-    computes = [run_compute(r) for r in result.runs] + list(group_by_budget(result.runs))
+    computes = [6.0 * r.params * r.tokens for r in result.runs]
     c_grid = np.geomspace(min(computes) / 3, max(computes) * 3, 100)
     if not isinstance(result.approach2, str):
         fit = result.approach2
@@ -118,13 +123,13 @@ def plot_optimal_scaling(result: FitResult, figure: Figure) -> None:
                 samples = result.approach2_samples[key][:, [j for j, _ in points]]
                 low, high = np.nanpercentile(samples, [2.5, 97.5], axis=0)
                 errors = np.clip([values - low, high - values], 0, None)
-            axes.errorbar([b.C for _, b in points], values, yerr=errors, fmt="o", color="C0", capsize=3,
+            axes.errorbar([b.C_6nd for _, b in points], values, yerr=errors, fmt="o", color="C0", capsize=3,
                           label="Approach 2 minima (95% CI)")
             axes.plot(c_grid, np.exp(intercept) * c_grid**exponent, color="C0",
                       label=f"Approach 2 fit, exponent {exponent:.3f}")
     if not isinstance(result.approach3, str):
         law = result.approach3.law
-        n_line, d_line = law.compute_optimal(c_grid * _six_nd_per_counted_flop(result))
+        n_line, d_line = law.compute_optimal(c_grid)
         axes_n.plot(c_grid, n_line, color="C3", label=f"Approach 3, a = {law.a:.3f}")
         axes_d.plot(c_grid, d_line, color="C3", label=f"Approach 3, b = {law.b:.3f}")
     anchor = _anchor(result, c_grid)
@@ -133,9 +138,9 @@ def plot_optimal_scaling(result: FitResult, figure: Figure) -> None:
         for (label, a, b), style in zip(CHINCHILLA_EXPONENTS, (":", "--", "-.")):
             axes_n.plot(c_grid, n_mid * (c_grid / c_mid) ** a, "k", ls=style, lw=0.8, label=f"{label}, a = {a:.2f}")
             axes_d.plot(c_grid, d_mid * (c_grid / c_mid) ** b, "k", ls=style, lw=0.8, label=f"{label}, b = {b:.2f}")
-    axes_n.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel=f"N_opt ({result.param_convention})",
+    axes_n.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel=f"N_opt ({result.param_convention})",
                title="Compute-optimal parameters")
-    axes_d.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="D_opt (tokens)",
+    axes_d.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="D_opt (tokens)",
                title="Compute-optimal tokens")
     axes_n.legend(fontsize=7)
     axes_d.legend(fontsize=7)

@@ -60,6 +60,22 @@ def _approach2_tokens_per_param(result: FitResult) -> dict | None:
     return None
 
 
+def _noise_lines(result: FitResult) -> list[str]:
+    """How noisy the fitted losses are: seeds averaged per point, and the eval's standard error."""
+    lines = []
+    averaged = [r for r in result.runs if r.seed_losses]
+    if averaged:
+        spreads = [r.seed_spread for r in averaged]
+        lines.append(f"- Seeds: {len(averaged)} of {len(result.runs)} points are the mean of "
+                     f"{min(len(r.seed_losses) for r in averaged)}-{max(len(r.seed_losses) for r in averaged)} seeds; "
+                     f"the seeds' loss std is {np.median(spreads):.4f} (median; max {max(spreads):.4f}).")
+    stderrs = [r.loss_stderr for r in result.runs if r.loss_stderr is not None and not r.seed_losses]
+    if stderrs:
+        lines.append(f"- Eval noise: the standard error of a run's final eval loss is {np.median(stderrs):.4f} "
+                     f"(median over {len(stderrs)} runs; max {max(stderrs):.4f}).")
+    return lines
+
+
 def render_report(result: FitResult, fit: dict, table: RunTable, source, bootstrap: int) -> str:
     approach2, approach3 = fit["isoflop"], fit["approach3"]
     lines = [
@@ -70,6 +86,11 @@ def render_report(result: FitResult, fit: dict, table: RunTable, source, bootstr
         f"dropped as a worse learning rate at the same budget and size: {table.n_lr_dropped}.",
         (f"- Confidence intervals: 2.5/97.5 percentiles of {bootstrap} bootstrap resamples of the runs "
          "(Approach 2 resamples within each budget)." if bootstrap else "- No bootstrap: no confidence intervals."),
+        "- Compute: both approaches' exponents are against C = 6ND (Approach 3's allocation is derived under it; "
+        "Approach 2's lines are fitted against each budget's 6 N_opt D_opt)"
+        + (f"; against the budgets as counted, Approach 2 gives a = {format_estimate(approach2['a_counted'])}, "
+           f"b = {format_estimate(approach2['b_counted'])}." if "a_counted" in approach2 else "."),
+        *_noise_lines(result),
         *[f"- Skipped {name}: {reason}." for name, reason in table.skipped.items()], "",
         "## Compute-optimal scaling, N_opt ∝ C^a and D_opt ∝ C^b", "",
         "| quantity | Approach 2 (IsoFLOP) | Approach 3 (parametric) | Chinchilla A2 / A3 |",

@@ -2,21 +2,26 @@
 
 Every source becomes a list of `RunRecord`s. Sources:
 
-- a CSV with columns `params,tokens,loss` (optional `flops`, `budget`, `name`, `lr`; others ignored);
+- a CSV with columns `params,tokens,loss` (optional `flops`, `budget`, `name`, `lr`, `loss_stderr`,
+  `seed`; others ignored);
 - a run directory holding the trainer's `summary.json`, or a list of them;
 - a sweep directory holding `plan.json` and `runs/<name>/summary.json`.
 
-Runs whose `status` is not "completed" are skipped and counted. Several learning rates tried at
-one (budget, size) leave only the best one in the fit (`select_best_lr`), since the compute-optimal
-frontier is defined by well-tuned runs (Porian et al. 2024).
+Runs whose `status` is not "completed" are skipped and counted. Runs that differ only by their
+seed are one point of the fit, at their mean loss, with the seeds' losses kept to show the spread
+(`average_seeds`). Several learning rates tried at one (budget, size) leave only the best one in the
+fit (`select_best_lr`), since the compute-optimal frontier is defined by well-tuned runs (Porian et
+al. 2024).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -27,7 +32,7 @@ from lmjax.errors import UserError
 
 PARAM_CONVENTIONS = ("total", "non_embedding", "non_embedding_with_head", "active")
 _REQUIRED_CSV_COLUMNS = ("params", "tokens", "loss")
-_OPTIONAL_CSV_NUMBERS = ("flops", "budget", "lr")
+_OPTIONAL_CSV_NUMBERS = ("flops", "budget", "lr", "loss_stderr")
 _SUMMARY_KEYS = ("final_eval_loss", "params_total", "params_non_embedding", "params_output_head", "tokens")
 
 
@@ -46,6 +51,17 @@ class RunRecord:
     flops: float | None = None  # measured training FLOPs of the run (trainer's count)
     budget: float | None = None  # planned compute budget C of the IsoFLOP group it belongs to
     lr: float | None = None
+    loss_stderr: float | None = None  # standard error of `loss` over its eval batches (summary.json)
+    seed: int | None = None
+    seed_losses: tuple[float, ...] = ()  # an average of several seeds: each one's loss (`loss` is their mean)
+
+    @property
+    def seed_spread(self) -> float | None:
+        """Standard deviation of the seeds' losses (ddof 1); None for a single run."""
+        if len(self.seed_losses) < 2:
+            return None
+        mean = sum(self.seed_losses) / len(self.seed_losses)
+        return math.sqrt(sum((x - mean) ** 2 for x in self.seed_losses) / (len(self.seed_losses) - 1))
 
 
 @dataclass
@@ -56,6 +72,7 @@ class RunTable:
     default_out_dir: Path
     skipped: dict[str, str] = field(default_factory=dict)  # run name -> why it is not in the fit
     n_lr_dropped: int = 0  # runs beaten by another learning rate at the same (budget, size)
+    completed: list[RunRecord] = field(default_factory=list)  # every completed run, before averaging and selection
 
 
 def load_runs(source: str | os.PathLike | list, param_convention: str = "total") -> list[RunRecord]:
@@ -85,11 +102,41 @@ def load_run_table(source: str | os.PathLike | list, param_convention: str = "to
         else:
             raise FitInputError(f"fit source {path}: expected a CSV file, a run directory with summary.json "
                                 "or a sweep directory with plan.json")
-    kept, n_dropped = select_best_lr(runs)
+    kept, n_dropped = select_best_lr(average_seeds(runs))
     if not kept:
         why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
         raise FitInputError(f"fit source {source}: no completed runs to fit" + (f" (skipped {why})" if why else ""))
-    return RunTable(runs=kept, default_out_dir=out_dir, skipped=skipped, n_lr_dropped=n_dropped)
+    return RunTable(runs=kept, default_out_dir=out_dir, skipped=skipped, n_lr_dropped=n_dropped, completed=runs)
+
+
+def average_seeds(runs: list[RunRecord]) -> list[RunRecord]:
+    """One record per setting (budget, N, D, lr): the mean loss of its seeds, each seed's loss kept.
+
+    Runs that share all four differ only by their seed (or are repeats), so they are samples of one
+    point of the fit; averaging them, not fitting each, keeps the bootstrap's unit a setting. The
+    mean's standard error combines the seeds' spread: std / sqrt(seeds)."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault((run.budget, run.params, run.tokens, run.lr), []).append(run)
+    averaged = []
+    for group in groups.values():
+        if len(group) == 1:
+            averaged.append(group[0])
+            continue
+        losses = tuple(r.loss for r in group)
+        flops = [r.flops for r in group if r.flops is not None]
+        record = RunRecord(
+            name=_common_name([r.name for r in group]), params=group[0].params, tokens=group[0].tokens,
+            loss=sum(losses) / len(losses), flops=sum(flops) / len(flops) if flops else None,
+            budget=group[0].budget, lr=group[0].lr, seed_losses=losses)
+        averaged.append(dataclasses.replace(record, loss_stderr=record.seed_spread / math.sqrt(len(losses))))
+    return averaged
+
+
+def _common_name(names: list[str]) -> str:
+    """`C1e12_N4000_s0`, `C1e12_N4000_s1` -> `C1e12_N4000`: the shared prefix without a trailing separator."""
+    prefix = re.sub(r"([_-]s(eed)?)?[_-]*$", "", os.path.commonprefix(names))
+    return prefix or names[0]
 
 
 def select_best_lr(runs: list[RunRecord]) -> tuple[list[RunRecord], int]:
@@ -141,8 +188,17 @@ def _read_csv(path: Path) -> list[RunRecord]:
             where = f"{path} row {row_number} (line {row_number + 1})"
             values = {c: _positive(row[c], where, c) for c in _REQUIRED_CSV_COLUMNS}
             optional = {c: _positive(row[c], where, c) for c in _OPTIONAL_CSV_NUMBERS if row.get(c) not in (None, "")}
+            if row.get("seed") not in (None, ""):
+                optional["seed"] = _seed(row["seed"], where)
             runs.append(RunRecord(name=row.get("name") or f"row{row_number}", **values, **optional))
     return runs
+
+
+def _seed(value: str, where: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise FitInputError(f"{where}, column 'seed': '{value}' is not an integer") from None
 
 
 def _read_sweep(sweep_dir: Path, param_convention: str) -> tuple[list[RunRecord], dict[str, str]]:
@@ -194,6 +250,8 @@ def _read_run_dirs(
             flops=_positive(summary["train_flops"], where, "train_flops") if summary.get("train_flops") else None,
             budget=_positive(budget, where, "budget") if budget is not None else None,
             lr=float(lr) if lr is not None else None,
+            loss_stderr=summary.get("final_eval_loss_stderr"),
+            seed=entry.get("seed"),
         ))
     return runs, skipped
 

@@ -1,6 +1,7 @@
 """`lmjax sweep SWEEP.yaml`: write the plan, run every run, fit, and optionally check a prediction.
 
-sweep_dir/plan.json      the plan (`plan.py`); a rerun must plan exactly the same runs
+sweep_dir/plan.json      the plan (`plan.py`); a rerun must plan exactly the same runs (runs
+                         pending on the tuning runs' learning rates get them filled in, `lr_rules.py`)
 sweep_dir/runs/<name>/   ordinary `lmjax train` run directories (+ train.log with their output)
 sweep_dir/fit.json, report.md, *.png          the fit of every finished run (`report.run_fit`)
 sweep_dir/holdout/, sweep_dir/prediction.json with predict.holdout_largest=true
@@ -25,6 +26,8 @@ from lmjax.config import ConfigError, load_config, save_config, to_dict
 from lmjax.errors import UserError
 from lmjax.fileio import read_completed_summary, write_json_atomic
 from lmjax.scaling.executors import Executor, InProcessExecutor, LocalExecutor  # noqa: F401 (re-exported)
+from lmjax import flops
+from lmjax.scaling import lr_rules
 from lmjax.scaling.plan import PlannedRun, SweepPlan, format_number, format_table, load_sweep, plan_sweep
 
 
@@ -70,7 +73,15 @@ def plan_difference(plan: SweepPlan) -> str | None:
     # `lmjax sweep S.yaml predict.holdout_largest=true` on a finished sweep only adds the prediction.
     after_runs = ("predict", "fit")
     planned = {k: v for k, v in json.loads(json.dumps(plan.to_json())).items() if k not in after_runs}
-    return first_difference({k: v for k, v in existing.items() if k not in after_runs}, planned)
+    existing = {k: v for k, v in existing.items() if k not in after_runs}
+    # Runs pending on the tuning runs' choice may since have got their learning rate.
+    chosen = {run["name"]: run for run in planned.get("runs", []) if run.get("lr_source") != "pending"}
+    if isinstance(existing.get("runs"), list):
+        existing["runs"] = [chosen.get(run.get("name"), run) if isinstance(run, dict) and run.get("lr_source") == "pending"
+                            else run for run in existing["runs"]]
+        if existing.get("lr_choice") is None and "lr_choice" in existing:
+            existing["lr_choice"] = planned.get("lr_choice")
+    return first_difference(existing, planned)
 
 
 def write_plan(plan: SweepPlan) -> Path:
@@ -80,10 +91,33 @@ def write_plan(plan: SweepPlan) -> Path:
     if difference:
         raise SweepError(f"{path} holds a different plan ({difference}); use another sweep_dir, "
                          "or the sweep config and overrides that made it")
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or json.loads(path.read_text()) != json.loads(json.dumps(plan.to_json())):
+        path.parent.mkdir(parents=True, exist_ok=True)  # new, or its pending runs now have learning rates
         write_json_atomic(path, plan.to_json(), indent=1)
     return path
+
+
+def choose_learning_rates(plan: SweepPlan, base_dir: Path) -> SweepPlan:
+    """The plan with its pending runs' learning rates, once every tuning run finished; else unchanged."""
+    if not plan.pending:
+        return plan
+    losses: dict[tuple[int, int], dict[float, list[float]]] = {}
+    tuning = [run for run in plan.runs if run.lr_source == "grid"]
+    for run in tuning:
+        summary = read_completed_summary(run.run_dir)
+        if summary is None:
+            return plan
+        size = (flops.param_counts(run.config.model)["total"], run.config.model.d_model)
+        losses.setdefault(size, {}).setdefault(run.lr, []).append(float(summary["final_eval_loss"]))
+    choice = lr_rules.choose(plan.sweep.lr_rule, min(run.budget for run in tuning), losses)
+    return plan_sweep(plan.sweep, base_dir, choice)
+
+
+def print_choice(choice: lr_rules.LRChoice) -> None:
+    print(f"learning rates chosen at C={format_number(choice.budget)} (lr_rule {choice.rule}):")
+    for size in choice.sizes:
+        losses = ", ".join(f"{format_number(lr)}: {loss:.4f}" for lr, loss in sorted(size.loss_by_lr.items()))
+        print(f"  N={size.params_total:,} (d_model {size.d_model}): lr {format_number(size.best_lr)} ({losses})")
 
 
 def write_run_config(run: PlannedRun) -> None:
@@ -102,7 +136,7 @@ def pending_runs(plan: SweepPlan) -> tuple[list[PlannedRun], dict[str, str]]:
     """(the runs still to do, with their config.yaml written; {run name: why it cannot run})."""
     pending, failures = [], {}
     for run in plan.runs:
-        if read_completed_summary(run.run_dir) is not None:
+        if run.pending or read_completed_summary(run.run_dir) is not None:
             continue
         try:
             write_run_config(run)
@@ -110,7 +144,7 @@ def pending_runs(plan: SweepPlan) -> tuple[list[PlannedRun], dict[str, str]]:
             failures[run.name] = str(err)
             continue
         pending.append(run)
-    finished = len(plan.runs) - len(pending) - len(failures)
+    finished = len(plan.runs) - len(pending) - len(failures) - len(plan.pending)
     if finished:
         print(f"{finished} of {len(plan.runs)} runs already finished: skipped")
     return pending, failures
@@ -147,7 +181,7 @@ def print_fit(fit: dict, out_dir: Path) -> None:
 
 def _write_runs_csv(path: Path, runs) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    numbers = ("params", "tokens", "loss", "flops", "budget", "lr")
+    numbers = ("params", "tokens", "loss", "flops", "budget", "lr", "loss_stderr", "seed")
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(("name", *numbers))
@@ -155,9 +189,9 @@ def _write_runs_csv(path: Path, runs) -> None:
             writer.writerow([run.name, *("" if getattr(run, c) is None else repr(getattr(run, c)) for c in numbers)])
 
 
-def predict_holdout(plan: SweepPlan, runs: list) -> dict[str, Any]:
-    """Fits all budgets but the largest of `runs` (the sweep's RunRecords), predicts the largest's optimal
-    loss, compares with its best run.
+def predict_holdout(plan: SweepPlan, table) -> dict[str, Any]:
+    """Fits all budgets but the largest of `table` (the sweep's RunTable), predicts the largest's optimal
+    loss, compares with its best run (seeds averaged).
 
     The law's compute-optimal allocation assumes C = 6ND; the held-out budget is converted to that
     convention with the FLOPs per parameter-token k of its best run (C_6ND = 6 C / k), so the
@@ -169,11 +203,14 @@ def predict_holdout(plan: SweepPlan, runs: list) -> dict[str, Any]:
 
     sweep = plan.sweep
     largest = max(sweep.budgets)
-    held = [r for r in runs if r.budget is not None and math.isclose(r.budget, largest, rel_tol=1e-9)]
+    def is_held(run) -> bool:
+        return run.budget is not None and math.isclose(run.budget, largest, rel_tol=1e-9)
+
+    held = [r for r in table.runs if is_held(r)]
     if not held:
         raise FitInputError(f"prediction: no completed run at the held-out budget C={format_number(largest)}")
     holdout_dir = plan.sweep_dir / "holdout"
-    _write_runs_csv(holdout_dir / "runs.csv", [r for r in runs if r not in held])
+    _write_runs_csv(holdout_dir / "runs.csv", [r for r in table.completed if not is_held(r)])
     fit = run_fit(holdout_dir / "runs.csv", out_dir=holdout_dir, param_convention=sweep.param_convention,
                   seed=sweep.fit.seed, bootstrap=sweep.fit.bootstrap)
     best = min(held, key=lambda r: r.loss)
@@ -214,7 +251,7 @@ def sweep_command(sweep_path: str, overrides: list[str], plan_only: bool, execut
     from lmjax.scaling.runs import FitInputError, load_run_table
 
     sweep, base_dir = load_sweep(sweep_path, overrides)
-    plan = plan_sweep(sweep, base_dir)
+    plan = choose_learning_rates(plan_sweep(sweep, base_dir), base_dir)
     print(format_table(plan), flush=True)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -225,8 +262,19 @@ def sweep_command(sweep_path: str, overrides: list[str], plan_only: bool, execut
                   "running would be refused")
         return 0
     write_plan(plan)
+    executor = executor or LocalExecutor()
     try:
-        failures = run_sweep(plan, executor or LocalExecutor())
+        failures = run_sweep(plan, executor)
+        if plan.pending:  # the tuning runs ran: choose, then run the rest
+            plan = choose_learning_rates(plan, base_dir)
+            if plan.pending:
+                failures.update({run.name: "not run: a tuning run did not finish" for run in plan.pending})
+            else:
+                print_choice(plan.lr_choice)
+                for warning in plan.lr_choice.warnings():
+                    print(f"warning: {warning}", file=sys.stderr)
+                write_plan(plan)
+                failures.update(run_sweep(plan, executor))
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
@@ -237,10 +285,10 @@ def sweep_command(sweep_path: str, overrides: list[str], plan_only: bool, execut
         fit = run_fit(plan.sweep_dir, param_convention=sweep.param_convention, seed=sweep.fit.seed,
                       bootstrap=sweep.fit.bootstrap, table=table)
         # The fitted runs as a table: `lmjax fit sweep_dir/runs.csv` refits without the run folders.
-        _write_runs_csv(plan.sweep_dir / "runs.csv", table.runs)
+        _write_runs_csv(plan.sweep_dir / "runs.csv", table.completed)
         print_fit(fit, plan.sweep_dir)
         if sweep.predict.holdout_largest:
-            print_prediction(predict_holdout(plan, table.runs), plan.sweep_dir)
+            print_prediction(predict_holdout(plan, table), plan.sweep_dir)
     except FitInputError as err:
         print(f"fit: {err}", file=sys.stderr)
         return 1

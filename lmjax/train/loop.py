@@ -43,7 +43,8 @@ from lmjax.train.step import ModelSetup, make_stop_flags, make_stop_vote
 # the global batch and its order are the same on any of them, so the loss curve continues to
 # float precision); and train.steps, raised to extend a run (the schedule is then the new one).
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "logging.",
-                     "mesh.", "train.microbatches", "train.peer_timeout_s", "train.steps")
+                     "mesh.", "train.microbatches", "train.peer_timeout_s", "train.steps",
+                     "train.final_eval_tokens")
 
 
 class TrainingInterrupted(Exception):
@@ -319,9 +320,18 @@ class Trainer:
         }
 
     def evaluate(self, step: int) -> None:
-        metrics = evaluate(self.eval_step, self.setup.task, self.state.params, self.state.frozen, self.eval_batches, self.eval_constants)
+        batches = self.eval_batches
+        if step == self.steps and self.cfg.train.final_eval_tokens:
+            batches = self._final_eval_batches()
+        metrics = evaluate(self.eval_step, self.setup.task, self.state.params, self.state.frozen, batches, self.eval_constants)
         self.last_eval = {"step": step, **metrics}
         self.logger.log(self.last_eval)
+
+    def _final_eval_batches(self):
+        """train.final_eval_tokens worth of validation batches, at most the whole split, made as they are read."""
+        n = min(math.ceil(self.cfg.train.final_eval_tokens / self.tokens_per_step), self.data.validation_batches())
+        for host_batch in self.data.eval_batches(n, jax.process_index(), jax.process_count()):
+            yield self.setup.global_batch(host_batch)  # one batch on the devices at a time
 
     def save(self, step: int) -> None:
         wall = self.elapsed_before + time.perf_counter() - self.wall_start
@@ -334,7 +344,7 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         wall_time = self.elapsed_before + time.perf_counter() - self.wall_start
         counts, tokens = self.counts, self.steps * self.tokens_per_step
-        final_eval = {f"final_{k}": v for k, v in self.last_eval.items() if k.startswith("eval_") and k != "eval_tokens"}
+        final_eval = {f"final_{k}": v for k, v in self.last_eval.items() if k.startswith("eval_")}
         summary = {
             "status": "completed",
             "steps": self.steps,
@@ -369,9 +379,11 @@ class Trainer:
             self.logger.write_summary(summary)
         self.logger.close()
         if self.is_main:
-            extra = "".join(f", {k.removeprefix('final_eval_')} {v:.4f}" for k, v in final_eval.items() if k != "final_eval_loss")
+            stderr = f" ± {final_eval['final_eval_loss_stderr']:.4f}" if "final_eval_loss_stderr" in final_eval else ""
+            extra = "".join(f", {k.removeprefix('final_eval_')} {v:.4f}" for k, v in final_eval.items()
+                            if k not in ("final_eval_loss", "final_eval_loss_stderr", "final_eval_tokens"))
             print(
-                f"done: eval loss {summary['final_eval_loss']:.4f}{extra}, "
+                f"done: eval loss {summary['final_eval_loss']:.4f}{stderr}{extra}, "
                 f"{tokens:,} tokens in {wall_time:.1f}s -> {self.run_dir}"
             )
         return summary
