@@ -1,4 +1,4 @@
-"""The `lmjax` command: train | eval | generate | import-hf | export-hf | bench | tokenizer | data | sweep | fit.
+"""The `lmjax` command: train | eval | generate | import-hf | export-hf | bench | tokenizer | data | sweep | fit | compare.
 Each command parses its arguments and calls one function of the package.
 
 CONFIG is a YAML file or a run directory (its config.yaml); overrides are `key.path=value`.
@@ -165,6 +165,15 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from lmjax.scaling.compare import print_compare, run_compare
+
+    result = run_compare(args.source, args.out, param_convention=args.param_convention, at=args.at,
+                         seed=args.seed, bootstrap=args.bootstrap)
+    print_compare(result, Path(args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmjax",
@@ -273,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param-convention", default="total", choices=PARAM_CONVENTIONS)
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for confidence intervals")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("compare", help="sweeps and runs side by side: frontiers, IsoFLOP profiles, exponents, "
+                       "compute multipliers, loss curves")
+    p.add_argument("source", nargs="+", metavar="[NAME=]DIR",
+                   help="sweep directory, run directory, CSV of runs or a folder holding runs.csv (experiments/...); "
+                   "NAME labels it (default: the folder's name); the first sweep is the multipliers' reference")
+    p.add_argument("--out", required=True, help="output folder for report.md, compare.json and the PNGs (created; "
+                   "only those files are overwritten)")
+    p.add_argument("--at", type=float, default=None, metavar="C",
+                   help="reference compute in FLOPs, C = 6ND (default: the first sweep's largest budget in 6ND)")
+    p.add_argument("--param-convention", default="total", choices=PARAM_CONVENTIONS)
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per sweep for the intervals")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (source i uses seed + i)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
