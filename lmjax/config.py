@@ -61,6 +61,7 @@ class MoEConfig:
     capacity_group: int = 128  # positions per capacity group (capacity dispatch only)
     load_balance_loss: float = 1e-2  # Switch: alpha * n_experts * sum_i f_i * P_i per MoE layer
     router_z_loss: float = 1e-3  # ST-MoE: mean over tokens of logsumexp(router logits)^2 per MoE layer
+    router_lr_scale: float = 1.0  # the router's Adam step times this (optim.lr x scale; with μP's 1/m on top)
 
     def layer_indices(self, n_layers: int) -> tuple[int, ...]:
         """Indices of the MoE layers of an n_layers-deep decoder."""
@@ -138,8 +139,11 @@ class ModelConfig:
     # (save matmul outputs, recompute elementwise ops).
     remat: str = choices("none", "full", "dots", default="none")
     scan_layers: bool = True  # stack layers with nn.scan: compile time independent of depth
-    # Attention kernel for jax.nn.dot_product_attention: xla everywhere, cudnn (flash) on GPU.
-    attention: str = choices("xla", "cudnn", default="xla")
+    # Attention kernel for training and eval: xla (jax.nn.dot_product_attention) everywhere, cudnn (flash) on GPU,
+    # blockwise (lmjax/models/flash_attention.py: pure-JAX flash attention, memory linear in seq_len).
+    attention: str = choices("xla", "cudnn", "blockwise", default="xla")
+    # causal_lm/sft: fused readout + cross-entropy in chunks of this many tokens, keeping no fp32 [tokens, V] logits (fused_cross_entropy.py)
+    loss_chunk_tokens: int | None = None  # None: full logits
     moe: MoEConfig = field(default_factory=MoEConfig)  # read when family is moe
 
     @property

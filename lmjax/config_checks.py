@@ -54,6 +54,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.objective={t.objective} needs model.family {' or '.join(objective_families[t.objective])}, got {m.family}"
         )
+    if m.loss_chunk_tokens is not None:
+        _positive(m.loss_chunk_tokens, "model.loss_chunk_tokens")
+        if m.family not in ("dense", "moe") or t.objective not in ("causal_lm", "sft"):
+            raise ConfigError(f"model.loss_chunk_tokens needs a decoder (model.family dense or moe) trained with train.objective causal_lm "
+                              f"or sft, got family {m.family} with objective {t.objective}; set it to null")
     if t.objective == "mlm":
         k = cfg.mlm
         if not 0.0 < k.mask_prob < 1.0:
@@ -80,6 +85,7 @@ def validate(cfg: Config) -> None:
         for key in ("n_shared_experts", "first_dense_layers", "load_balance_loss", "router_z_loss"):
             _positive(getattr(e, key), f"model.moe.{key}", allow_zero=True)
         _positive(e.capacity_factor, "model.moe.capacity_factor")
+        _positive(e.router_lr_scale, "model.moe.router_lr_scale")
         if e.d_ff_expert is not None:
             _positive(e.d_ff_expert, "model.moe.d_ff_expert")
         if e.top_k > e.n_experts:
@@ -169,6 +175,9 @@ def _validate_t5(cfg: Config) -> None:
         if m.attention == "cudnn":
             raise ConfigError("model.attention=cudnn is not available for model.family=t5 (its relative position biases "
                               "are untested in the cuDNN kernel); use model.attention=xla")
+        if m.attention == "blockwise":
+            raise ConfigError("model.attention=blockwise has no effect for model.family=t5 (its self-attention adds relative "
+                              "position biases, which the blockwise kernel does not take); use model.attention=xla")
         _positive(m.relative_buckets, "model.relative_buckets")
         if m.relative_buckets % 2:
             raise ConfigError(f"model.relative_buckets must be even (half per direction in the encoder), got {m.relative_buckets}")

@@ -14,7 +14,7 @@ from lmjax.config import Config, ConfigError, ModelConfig, build, flatten_dotted
 
 
 # Model keys a run started from another (`train.init_from`) may change: how it computes, not what.
-COMPUTE_ONLY_MODEL_KEYS = ("dtype", "param_dtype", "remat", "attention")
+COMPUTE_ONLY_MODEL_KEYS = ("dtype", "param_dtype", "remat", "attention", "loss_chunk_tokens")
 
 
 def _resolved(model: ModelConfig) -> dict[str, Any]:

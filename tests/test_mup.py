@@ -238,6 +238,32 @@ def test_mup_updates_scale_the_adam_step_of_hidden_matrices(family):
     assert decayed >= 4  # the weight decay took part
 
 
+@pytest.mark.parametrize("parameterization", ["sp", "mup"])
+def test_router_lr_scale_scales_only_the_router_adam_step(parameterization):
+    """moe.router_lr_scale multiplies the router's Adam step (on top of μP's 1/m) and nothing else;
+    the decoupled decay step stays as it was."""
+    plain = make_cfg("moe", parameterization, 128, 32)
+    scaled = make_cfg("moe", parameterization, 128, 32, ["model.moe.router_lr_scale=0.1"])
+    tokens, targets = batch()
+    model = build_model(plain.model)
+    boxed = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+    params = nn.unbox(boxed)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(model, p, tokens, targets)))(params)
+    no_decay = [make_cfg("moe", parameterization, 128, 32, extra + ["optim.weight_decay=0"]) for extra in ([], ["model.moe.router_lr_scale=0.1"])]
+    plain_u, scaled_u, plain_adam, scaled_adam = (
+        slash_names(jax.jit(lambda g, p, tx=make_optimizer(cfg, boxed): tx.update(g, tx.init(p), p)[0])(grads, params))
+        for cfg in (plain, scaled, *no_decay))
+    routers = [name for name in plain_u if name.endswith("mlp/router")]
+    assert routers  # the MoE layers after the dense one (stacked when scanned)
+    for name in plain_u:
+        if name in routers:
+            decay_step = plain_u[name] - plain_adam[name]
+            np.testing.assert_allclose(scaled_adam[name], 0.1 * plain_adam[name], rtol=1e-5, atol=1e-12, err_msg=name)
+            np.testing.assert_allclose(scaled_u[name], 0.1 * plain_adam[name] + decay_step, rtol=1e-5, atol=1e-9, err_msg=name)
+        else:
+            np.testing.assert_allclose(scaled_u[name], plain_u[name], rtol=1e-6, atol=1e-12, err_msg=name)
+
+
 # ----------------------------------------------------------------------------- coordinate check
 
 COORD_SEEDS, COORD_STEPS, COORD_LR = 3, 4, 1e-2

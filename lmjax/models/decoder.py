@@ -8,6 +8,12 @@ tokens int [B, T]; positions int [B, T] (default arange(T) per row); segment_ids
 earlier-or-equal indices of its own segment only, the `model.sliding_window` most recent when set
 (padding attends to padding, so padding rows stay finite). Returns float32 logits [B, T, vocab_size].
 
+    ce_BT, log_z_BT = DecoderLM(config).apply({"params": params}, tokens, positions, segment_ids, targets=targets)
+
+With `model.loss_chunk_tokens` set, int `targets` [B, T] make it return the per-token cross-entropy
+and log-partition (float32 [B, T] each) instead, computed with the readout in chunks of tokens, so
+no [B, T, V] logits are kept for the backward pass (fused_cross_entropy.py); same parameters.
+
 Parameter tree: `embed/embedding` [V, D]; without RoPE (`model.positions`) `position_embedding`
 [max_seq_len, D]; the
 blocks are `layers/...` with a leading [n_layers] axis when `config.scan_layers` (logical name
@@ -49,6 +55,7 @@ from lmjax.models.layers import (
     output_logits,
     scan_stack,
 )
+from lmjax.models.fused_cross_entropy import output_cross_entropy
 from lmjax.models.moe import STATS, MoEFeedForward, aux_loss_and_metrics
 
 # Names a model may sow at its top level in the 'intermediates' collection; a task adds
@@ -84,9 +91,11 @@ class DecoderLM(LanguageModel):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         decode: bool = False,
-    ) -> jax.Array:
+        *,
+        targets: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         cfg = self.config
-        self._check_inputs(tokens, positions, segment_ids, decode)
+        self._check_inputs(tokens, positions, segment_ids, decode, targets)
         tokens_BT, positions_BT, segment_ids_BT = tokens, positions, segment_ids
         batch, length = tokens_BT.shape
         first_position = self._count_decoded_tokens(length) if decode else 0
@@ -106,6 +115,8 @@ class DecoderLM(LanguageModel):
             self.sow("intermediates", AUX_METRICS, aux_metrics)
 
         x_BTD = make_norm(cfg, "final_norm")(x_BTD)
+        if targets is not None:
+            return output_cross_entropy(self, cfg, embed, x_BTD, targets)
         return output_logits(self, cfg, embed, x_BTD)
 
     def _blocks(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None, decode: bool) -> jax.Array:
@@ -138,11 +149,13 @@ class DecoderLM(LanguageModel):
             cache_index.value = start + length
         return start
 
-    def _check_inputs(self, tokens_BT, positions_BT, segment_ids_BT, decode: bool) -> None:
+    def _check_inputs(self, tokens_BT, positions_BT, segment_ids_BT, decode: bool, targets_BT) -> None:
         cfg = self.config
         if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
             raise ModelInputError(f"tokens: expected an integer array [batch, length], got {tokens_BT.dtype} {tokens_BT.shape}")
-        for name, array in (("positions", positions_BT), ("segment_ids", segment_ids_BT)):
+        if targets_BT is not None and (cfg.loss_chunk_tokens is None or decode):
+            raise ModelInputError("targets: the fused cross-entropy needs model.loss_chunk_tokens set and decode=False")
+        for name, array in (("positions", positions_BT), ("segment_ids", segment_ids_BT), ("targets", targets_BT)):
             if array is not None and array.shape != tokens_BT.shape:
                 raise ModelInputError(f"{name}: expected shape {tokens_BT.shape} (as tokens), got {array.shape}")
         if not cfg.use_rope and not decode and tokens_BT.shape[1] > cfg.max_seq_len:

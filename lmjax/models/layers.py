@@ -24,6 +24,7 @@ import numpy as np
 from lmjax.config import ConfigError, ModelConfig, RopeScalingConfig
 from lmjax.errors import UserError
 from lmjax.models.activations import gelu, swiglu
+from lmjax.models.flash_attention import blockwise_attention
 from lmjax.models.mup import attention_scale, init_multiplier, logit_multiplier
 
 
@@ -201,6 +202,8 @@ class Attention(nn.Module):
     (`is_causal=True`); packed rows (segment_ids given) add a dense [B, 1, T, T] boolean mask,
     which jax turns into an additive bias for cuDNN. cuDNN needs a GPU, bf16/fp16 inputs,
     head_dim a multiple of 8 (<= 256 on Hopper, 128 before) and, with that bias, an even length.
+    With "blockwise", `flash_attention.blockwise_attention` (same masks, memory linear in T); a score
+    bias (T5) falls back to jax's kernel.
 
     Decode (`decode=True`): keys and values are written into the 'cache' collection
     (cached_key/cached_value [B, S_max, K, H], cached_valid [B, S_max], cache_index = tokens already
@@ -231,6 +234,9 @@ class Attention(nn.Module):
         if self.decode:
             k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, segment_ids_BT)
             out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_B1TS, scale=attention_scale(cfg))
+        elif cfg.attention == "blockwise" and bias_BNTS is None:
+            out_BTNH = blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT, causal=self.causal,
+                                           scale=attention_scale(cfg), local_window=cfg.sliding_window if self.causal else None)
         else:
             mask_B1TT = None if segment_ids_BT is None else (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
             out_BTNH = jax.nn.dot_product_attention(
@@ -414,13 +420,18 @@ def learned_positions(module: nn.Module, config: ModelConfig, positions_BT: jax.
     return lookup(table, positions_BT).astype(jnp.dtype(config.dtype))
 
 
+def unembed_matrix(module: nn.Module, config: ModelConfig) -> jax.Array:
+    """The untied readout `unembed` [D, V] of `module` (parameter dtype); also read by fused_cross_entropy.py."""
+    unembed_init = partitioned_normal(init_std(config, "unembed"), ("embed", "vocab"))
+    return module.param("unembed", unembed_init, (config.d_model, config.vocab_size), jnp.dtype(config.param_dtype))
+
+
 def output_logits(module: nn.Module, config: ModelConfig, embed: Embed, x_BTD: jax.Array) -> jax.Array:
     """float32 logits [B, T, V]: the tied embedding table, or the `unembed` [D, V] matrix of `module`, times μP's 1/m."""
     if config.tie_embeddings:
         logits_BTV = embed.attend(x_BTD)
     else:
-        unembed_init = partitioned_normal(init_std(config, "unembed"), ("embed", "vocab"))
-        unembed_DV = module.param("unembed", unembed_init, (config.d_model, config.vocab_size), jnp.dtype(config.param_dtype))
+        unembed_DV = unembed_matrix(module, config)
         logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, unembed_DV.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
     if (multiplier := logit_multiplier(config)) != 1.0:  # skipped at 1.0: μP at the base width is SP bit for bit
         logits_BTV = logits_BTV * multiplier

@@ -85,10 +85,20 @@ def is_hidden(path: tuple) -> bool:
                      f"(hidden matrix, or a table/norm/bias/readout that keeps SP's learning rate)")
 
 
+def is_router(path: tuple) -> bool:
+    names = [str(getattr(key, "key", key)) for key in path]
+    return names[-1] == "router" and len(names) > 1 and names[-2] == MOE_MODULE
+
+
 def lr_multipliers(config: ModelConfig, params: Any) -> Any:
     """Tree of Python floats like `params` (unboxed): Adam's learning-rate factor per parameter,
-    1/m for the hidden matrices, 1.0 for the rest (and for every parameter under SP)."""
-    if config.parameterization != "mup":
-        return jax.tree.map(lambda _: 1.0, params)
+    1/m for the hidden matrices, 1.0 for the rest (and for every parameter under SP), times
+    `moe.router_lr_scale` for MoE routers."""
     hidden_factor = 1.0 / width_multiplier(config)
-    return jax.tree_util.tree_map_with_path(lambda path, _: hidden_factor if is_hidden(path) else 1.0, params)
+    router_factor = config.moe.router_lr_scale if config.family == "moe" else 1.0
+
+    def factor(path, _) -> float:
+        mup = hidden_factor if config.parameterization == "mup" and is_hidden(path) else 1.0
+        return mup * (router_factor if is_router(path) else 1.0)
+
+    return jax.tree_util.tree_map_with_path(factor, params)

@@ -49,18 +49,24 @@ def token_cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> tuple[j
     return log_z_BL - target_logit_BL, log_z_BL
 
 
-def target_token_sums(logits_BLV: jax.Array, batch: Batch, accuracy_name: str) -> dict[str, jax.Array]:
-    """Sums over the target tokens of `batch` (`loss_mask`): cross-entropy, z-loss, argmax
-    accuracy (as `{accuracy_name}_sum`) and the token count, the normaliser."""
-    ce_BL, log_z_BL = token_cross_entropy(logits_BLV, batch["targets"])
+def masked_token_sums(ce_BL: jax.Array, log_z_BL: jax.Array | None, batch: Batch) -> dict[str, jax.Array]:
+    """Sums over the target tokens of `batch` (`loss_mask`): cross-entropy, z-loss (unless
+    `log_z_BL` is None) and the token count, the normaliser."""
     mask_BL = batch["loss_mask"].astype(jnp.float32)
+    sums = {"loss_sum": jnp.sum(ce_BL * mask_BL)}
+    if log_z_BL is not None:
+        sums["z_loss_sum"] = jnp.sum(jnp.square(log_z_BL) * mask_BL)
+    sums["tokens"] = jnp.sum(mask_BL)
+    return sums
+
+
+def target_token_sums(logits_BLV: jax.Array, batch: Batch, accuracy_name: str) -> dict[str, jax.Array]:
+    """`masked_token_sums` of the logits' cross-entropy, plus the argmax accuracy (as `{accuracy_name}_sum`)."""
+    ce_BL, log_z_BL = token_cross_entropy(logits_BLV, batch["targets"])
+    sums = masked_token_sums(ce_BL, log_z_BL, batch)
     correct_BL = (jnp.argmax(logits_BLV, axis=-1) == batch["targets"]).astype(jnp.float32)
-    return {
-        "loss_sum": jnp.sum(ce_BL * mask_BL),
-        "z_loss_sum": jnp.sum(jnp.square(log_z_BL) * mask_BL),
-        f"{accuracy_name}_sum": jnp.sum(correct_BL * mask_BL),
-        "tokens": jnp.sum(mask_BL),
-    }
+    sums[f"{accuracy_name}_sum"] = jnp.sum(correct_BL * batch["loss_mask"].astype(jnp.float32))
+    return sums
 
 
 class Task(abc.ABC):

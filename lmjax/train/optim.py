@@ -72,7 +72,8 @@ def scale_per_parameter(multipliers: Any) -> optax.GradientTransformation:
 
 
 def make_optimizer(cfg: Config, boxed_params: Any) -> optax.GradientTransformation:
-    """AdamW after global-norm clipping. Under μP, microsoft/mup's MuAdamW: the Adam step of each
+    """AdamW after global-norm clipping. With `model.moe.router_lr_scale` the router's Adam step is scaled.
+    Under μP, microsoft/mup's MuAdamW: the Adam step of each
     hidden matrix times 1/width multiplier, the decoupled decay step (lr * weight_decay * p) as SP's
     (MuAdamW divides lr and multiplies weight_decay by m), so weight decay transfers across widths."""
     o = cfg.optim
@@ -80,8 +81,8 @@ def make_optimizer(cfg: Config, boxed_params: Any) -> optax.GradientTransformati
     if o.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(o.grad_clip))
     mask = decay_mask(boxed_params, o.decay_embeddings)
-    if cfg.model.parameterization == "mup":
-        # optax.adamw's own chain with μP's factors between the Adam step and the decay
+    if cfg.model.parameterization == "mup" or (cfg.model.family == "moe" and cfg.model.moe.router_lr_scale != 1.0):
+        # optax.adamw's own chain with per-parameter factors (μP's, the router's) between the Adam step and the decay
         parts += [
             optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
             scale_per_parameter(lr_multipliers(cfg.model, nn.unbox(boxed_params))),
