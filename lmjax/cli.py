@@ -115,7 +115,7 @@ def cmd_export_hf(args) -> int:
 def cmd_bench(args) -> int:
     from lmjax.bench import run_bench
 
-    run_bench(_load(args), steps=args.steps, warmup=args.warmup, out=args.out)
+    run_bench(_load(args), steps=args.steps, warmup=args.warmup, out=args.out, remeasure_peak=args.remeasure_peak)
     return 0
 
 
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.add_argument("--remeasure-peak", action="store_true", help="CPU: measure the matmul peak (MFU's denominator) "
+                   "again, every backend up to 4096 (minutes; best on an idle machine), and replace the cached one")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")

@@ -23,18 +23,13 @@ of a tied-embedding model. `tests/test_flops.py` checks all six rows. lmjax keep
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import re
-import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from lmjax import cpu_peak
 from lmjax.config import ModelConfig
 from lmjax.errors import UserError
 
@@ -240,8 +235,7 @@ _DEVICE_KIND_PATTERNS = (
     (r"tpu\s*v6[\s-]*(lite|e)\b", "TPU v6e"),
 )
 
-CPU_PEAK_CACHE = Path("~/.cache/lmjax/cpu_peak.json")  # measured CPU peaks, one entry per machine and dtype
-SUPPORTED_DTYPES = ("float32", "bfloat16")
+SUPPORTED_DTYPES = cpu_peak.SUPPORTED_DTYPES
 
 
 def chip_for_device_kind(device_kind: str) -> str | None:
@@ -263,21 +257,37 @@ def _dtype_name(dtype: Any) -> str:
     return name
 
 
-def peak_flops_per_device(device: Any = None, dtype: Any = "float32") -> tuple[float, str]:
+def peak_flops_per_device(device: Any = None, dtype: Any = "float32", quick: bool = False) -> tuple[float, str]:
     """(peak dense FLOP/s of one device for matmuls in `dtype`, where the number comes from).
 
     Accelerators: the `PEAK_FLOPS` table ("table:<chip>"); an accelerator not in the table gives
-    (nan, "unknown:<device kind>") so MFU reads nan instead of a made-up number. CPU: a measured
-    matmul peak ("measured-cpu-matmul"), cached per machine in `CPU_PEAK_CACHE`.
+    (nan, "unknown:<device kind>") so MFU reads nan instead of a made-up number. CPU: the best
+    matmul rate of any backend on this machine ("measured-cpu-matmul", lmjax.cpu_peak), measured
+    once and cached per machine; `quick` (training runs) accepts, or measures, a quick one instead of
+    waiting for the full measurement (`cpu_peak.QUICK`).
     """
+    peak, source, _ = peak_flops_with_record(device, dtype, quick=quick)
+    return peak, source
+
+
+def peak_flops_with_record(device: Any = None, dtype: Any = "float32", remeasure: bool = False,
+                           quick: bool = False) -> tuple[float, str, dict]:
+    """`peak_flops_per_device` plus a record of how the peak was found, its "summary" one line.
+    `remeasure`: measure a CPU peak again instead of reading the cache (accelerators: no effect)."""
     device = jax.local_devices()[0] if device is None else device
     dtype_name = _dtype_name(dtype)
     if device.platform == "cpu":
-        return _cached_cpu_peak(device, dtype_name), "measured-cpu-matmul"
+        record = cpu_peak.cpu_peak_record(dtype_name, remeasure=remeasure, quick=quick)
+        source = "measured-cpu-matmul-quick" if record.get("quick") else "measured-cpu-matmul"
+        return record["flops_per_sec"], source, {**record, "summary": cpu_peak.describe(record)}
     chip = chip_for_device_kind(device.device_kind)
+    record = {"method": "published dense peak (lmjax.flops.PEAK_FLOPS)", "device_kind": device.device_kind, "dtype": dtype_name}
     if chip is None:
-        return float("nan"), f"unknown:{device.device_kind}"
-    return PEAK_FLOPS[(chip, dtype_name)], f"table:{chip}"
+        summary = f"unknown: no published peak for {device.device_kind!r}, so MFU is nan"
+        return float("nan"), f"unknown:{device.device_kind}", {**record, "chip": None, "summary": summary}
+    peak = PEAK_FLOPS[(chip, dtype_name)]
+    summary = f"{peak / 1e12:.1f} TFLOP/s {dtype_name}, the published dense peak of {chip}"
+    return peak, f"table:{chip}", {**record, "chip": chip, "summary": summary}
 
 
 def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float) -> float:
@@ -285,68 +295,3 @@ def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float) -
     if peak <= 0:  # nan passes: an unknown peak gives an unknown MFU
         raise FlopsError(f"mfu: peak FLOP/s must be > 0, got {peak}")
     return tokens_per_sec_per_device * flops_per_token / peak
-
-
-# ----------------------------------------------------------------------------- CPU peak measurement
-
-
-def measure_cpu_matmul_flops(
-    device: Any, dtype: str, max_size: int = 2048, min_seconds: float = 0.1, repeats: int = 3
-) -> float:
-    """Dense matmul FLOP/s of one CPU device (XLA spreads each matmul over all cores).
-
-    Square matrices grow from 256 by doubling until one matmul takes `min_seconds` or the size
-    reaches `max_size`; the best of `repeats` timed runs counts. Takes ~1-4 s.
-    """
-    matmul = jax.jit(jnp.dot)
-    size = min(256, max_size)
-    while True:
-        # Operands made on the host: a jitted random generator would compile once per size.
-        host = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32).astype(jnp.dtype(dtype))
-        x = jax.device_put(host, device)
-        matmul(x, x).block_until_ready()  # compile and warm up
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            matmul(x, x).block_until_ready()
-            best = min(best, time.perf_counter() - start)
-        if best >= min_seconds or size >= max_size:
-            return 2.0 * size**3 / best
-        size = min(2 * size, max_size)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
-
-
-def _cpu_cache_key(dtype_name: str) -> str:
-    # XLA sizes its thread pool by the CPUs this process may run on, not by the machine's total.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{_cpu_model()} | {cores} cores | jax {jax.__version__} | {dtype_name}"
-
-
-def _cached_cpu_peak(device: Any, dtype_name: str) -> float:
-    path = CPU_PEAK_CACHE.expanduser()
-    key = _cpu_cache_key(dtype_name)
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        entries = {}  # no cache yet, or a corrupt one: measure and rewrite it
-    if not isinstance(entries, dict):
-        entries = {}
-    cached = entries.get(key)
-    if isinstance(cached, dict) and isinstance(cached.get("flops_per_sec"), (int, float)) and cached["flops_per_sec"] > 0:
-        return float(cached["flops_per_sec"])
-    peak = measure_cpu_matmul_flops(device, dtype_name)
-    entries[key] = {"flops_per_sec": peak, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic replace: parallel runs never see half a file
-    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return peak

@@ -1,14 +1,13 @@
 """Parameter and FLOP counting against hand counts and Chinchilla's published table; MFU helpers."""
 
 import dataclasses
-import json
 import math
 from types import SimpleNamespace
 
 import jax
 import pytest
 
-from lmjax import flops
+from lmjax import cpu_peak, flops
 from lmjax.config import ModelConfig, MoEConfig
 
 
@@ -175,26 +174,16 @@ def test_unknown_accelerator_and_dtype():
         flops.peak_flops_per_device(SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3"), "float16")
 
 
-def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
-    cache = tmp_path / "cache" / "cpu_peak.json"
-    monkeypatch.setattr(flops, "CPU_PEAK_CACHE", cache)
-    measured = []
-    tiny_measure = flops.measure_cpu_matmul_flops
-
-    def counting_measure(device, dtype):
-        measured.append(dtype)
-        return tiny_measure(device, dtype, max_size=64, repeats=1)
-
-    monkeypatch.setattr(flops, "measure_cpu_matmul_flops", counting_measure)
-    cpu = jax.local_devices()[0]
-    first, source = flops.peak_flops_per_device(cpu, "float32")
-    assert source == "measured-cpu-matmul" and math.isfinite(first) and first > 0
-    assert flops.peak_flops_per_device(cpu, "float32") == (first, "measured-cpu-matmul")
-    assert measured == ["float32"]
-    flops.peak_flops_per_device(cpu, "bfloat16")  # another dtype is another entry
-    assert measured == ["float32", "bfloat16"]
-    entries = json.loads(cache.read_text())
-    assert len(entries) == 2 and any(key.endswith("float32") for key in entries)
-    cache.write_text("not json")  # a corrupt cache is measured again, not an error
-    flops.peak_flops_per_device(cpu, "float32")
-    assert measured == ["float32", "bfloat16", "float32"]
+def test_peak_records_say_how_they_were_found(tmp_path, monkeypatch):
+    _, _, record = flops.peak_flops_with_record(SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3"), "bfloat16")
+    assert record["chip"] == "H100 SXM" and "published dense peak of H100 SXM" in record["summary"]
+    peak, _, record = flops.peak_flops_with_record(SimpleNamespace(platform="tpu", device_kind="TPU v9"), "float32")
+    assert math.isnan(peak) and record["chip"] is None and "MFU is nan" in record["summary"]
+    # CPU: the cached record of lmjax.cpu_peak (tests/test_cpu_peak.py measures it).
+    monkeypatch.setattr(cpu_peak, "CPU_PEAK_CACHE", tmp_path / "cpu_peak.json")
+    fake = {"backend": "eigen", "results": [{"size": 64, "route": "eigen", "flops_per_sec": [3e10]}]}
+    monkeypatch.setattr(cpu_peak, "measure_backend", lambda name, *args, **kwargs: {**fake, "backend": name})
+    peak, source, record = flops.peak_flops_with_record(jax.local_devices()[0], "float32")
+    assert (peak, source) == (3e10, "measured-cpu-matmul") and record["best"]["size"] == 64
+    assert record["summary"].startswith("30.0 GFLOP/s float32, measured: best of")
+    assert flops.peak_flops_per_device(jax.local_devices()[0], "float32") == (3e10, "measured-cpu-matmul")

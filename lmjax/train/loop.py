@@ -125,7 +125,7 @@ class Trainer:
         lengths = (cfg.data.seq_len, task.decoder_len())
         self.flops_per_token = flops.flops_per_token(cfg.model, *lengths)  # Chinchilla count: budgets, summary
         self.model_flops_per_token = flops.model_flops_per_token(cfg.model, *lengths, task.forward_passes())  # matmul FLOPs: TFLOP/s, MFU
-        self.peak, self.peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype)
+        self.peak, self.peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype, quick=True)
         self.schedule = make_schedule(cfg)
         self.train_step, self.eval_step = self.setup.train_step(), self.setup.eval_step()  # compiled at first call
         self.stop_vote = make_stop_vote(self.setup.mesh)
