@@ -20,8 +20,14 @@ from jax.sharding import PartitionSpec as P
 from lmjax import cli, sharding
 from lmjax.config import load_config, replace
 from lmjax.evaluate import load_run
-from lmjax.train.loop import train
+from lmjax.train.loop import seconds_since_process_start, train
 from lmjax.train.step import ModelSetup
+
+
+def test_seconds_since_process_start_counts_from_the_process_start():
+    code = "import time; time.sleep(1.5); from lmjax.train.loop import seconds_since_process_start as s; print(s())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 1.5 <= age < 60  # the sleep, plus the imports of a fresh interpreter
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
@@ -39,6 +45,7 @@ def test_sharded_equals_unsharded(tmp_path, tiny_overrides):
                 "wall_time_s", "corpus_fingerprint", "lmjax_version", "jax_version"):
         assert key in summary, key
     assert summary["tokens"] == 6 * 16 * 32 and summary["train_flops"] == summary["flops_per_token"] * summary["tokens"]
+    assert 0 < summary["time_to_first_step_s"] < seconds_since_process_start()  # counted from this process's start
     records = [json.loads(line) for line in (tmp_path / "eight" / "metrics.jsonl").read_text().splitlines()]
     for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "tflops_per_sec", "mfu"):
         assert all(key in r for r in records if "loss" in r), key

@@ -17,6 +17,7 @@ the run, keeping the last good checkpoint.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import signal
 import time
@@ -46,6 +47,16 @@ RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_ev
                      "mesh.", "train.microbatches", "train.peer_timeout_s", "train.steps",
                      "train.final_eval_tokens")
 
+
+def seconds_since_process_start() -> float | None:
+    """Seconds since this process started (Linux: /proc), imports and start-up included; None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:  # field 22, after the parenthesised command name: start time in clock ticks
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 class TrainingInterrupted(Exception):
     def __init__(self, step: int, signum: int):
@@ -134,6 +145,7 @@ class Trainer:
         self.elapsed_before = 0.0
         self.init_from_step = None  # the source checkpoint's step of a `train.init_from` run
         self.last_loss = self.last_eval = self.last_tokens_per_sec = None
+        self.time_to_first_step = None  # process start to the first step's loss on the host
         self.stop_signal = 0  # the signal (SIGTERM, SIGINT) some process received, once all know it
         self.window_time, self.window_step = None, 0
 
@@ -286,6 +298,8 @@ class Trainer:
                 f"non-finite loss ({loss}), grad norm ({grad_norm}) or parameter norm ({param_norm}) at step {step}; {kept}"
             )
         self.last_loss = loss
+        if self.time_to_first_step is None:
+            self.time_to_first_step = seconds_since_process_start()
         now = time.perf_counter()
         if step % self.cfg.train.log_every == 0 or step == self.steps:
             record = {
@@ -365,6 +379,7 @@ class Trainer:
             "peak_flops_source": self.peak_source,
             "devices": self.setup.mesh.devices.size,
             "wall_time_s": wall_time,
+            "time_to_first_step_s": self.time_to_first_step,
             "corpus_fingerprint": self.data.fingerprint,
             "data_skipped": self.data.stats["skipped"],
             **({"data_overlong": self.data.stats["overlong"]} if "overlong" in self.data.stats else {}),
