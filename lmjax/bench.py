@@ -38,6 +38,26 @@ def _peak_memory() -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "host max RSS"
 
 
+def prepare(cfg: Config, n_batches: int) -> tuple[ModelSetup, Any, list[dict[str, jax.Array]]]:
+    """The model setup, the train input pipeline and its first `n_batches` global batches, which
+    `bench` cycles through (experiments/bench/profile_step.py builds its step from here too)."""
+    setup = ModelSetup.build(cfg)
+    data = setup.task.build_data(cfg)
+    train_iter = data.train_iterator(jax.process_index(), jax.process_count())
+    batches = [setup.global_batch(next(train_iter)) for _ in range(n_batches)]
+    return setup, train_iter, batches
+
+
+def compile_step(setup: ModelSetup, seed: int, batch: dict[str, jax.Array]) -> tuple[Any, Any, float]:
+    """Inside `sharding.activate`: the initial train state, the train step `lmjax train` runs
+    compiled ahead of time for `batch`'s shapes, and the compile seconds."""
+    state = setup.factory.create(seed)
+    step_fn = setup.train_step()
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    return state, compiled, time.perf_counter() - t0
+
+
 def run_bench(
     cfg: Config, steps: int = 10, warmup: int = 2, out: str | None = None, remeasure_peak: bool = False
 ) -> dict[str, Any]:
@@ -46,18 +66,11 @@ def run_bench(
     process_start = time.perf_counter()
     # Compile time is measured cold: a hit in the persistent cache would time a file read.
     jax.config.update("jax_enable_compilation_cache", False)
-    setup = ModelSetup.build(cfg)
+    setup, train_iter, batches = prepare(cfg, min(4, steps + warmup))
     mesh = setup.mesh
-    data = setup.task.build_data(cfg)
-    train_iter = data.train_iterator(jax.process_index(), jax.process_count())
-    batches = [setup.global_batch(next(train_iter)) for _ in range(min(4, steps + warmup))]
 
     with sharding.activate(mesh, setup.rules):
-        state = setup.factory.create(cfg.seed)
-        step_fn = setup.train_step()
-        t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batches[0]).compile()
-        compile_time = time.perf_counter() - t0
+        state, compiled, compile_time = compile_step(setup, cfg.seed, batches[0])
         state, metrics = compiled(state, batches[0])
         jax.block_until_ready(metrics)
         time_to_first_step = time.perf_counter() - process_start
