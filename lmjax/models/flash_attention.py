@@ -105,6 +105,24 @@ def _segments(segment_ids_BT: jax.Array | None, spec: _Spec):
     return seg_q_BT, seg_k_BS
 
 
+def _tiled_inputs(spec: _Spec, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+    """Both passes' layout: q [B, K, G, T_pad, H], k and v [B, K, S_pad, H], padded segment ids."""
+    K = k_BSKH.shape[2]
+    T_pad, S_pad = _padded(spec.q_len, spec.block_q), _padded(spec.kv_len, spec.block_k)
+    return (_grouped_queries(q_BTNH, K, T_pad), _kv_heads_first(k_BSKH, S_pad), _kv_heads_first(v_BSKH, S_pad),
+            *_segments(segment_ids_BT, spec))
+
+
+def _row_block(spec: _Spec, x_BKGT_, qi) -> jax.Array:
+    """Query block `qi` of a [B, K, G, T_pad, ...] array."""
+    return jax.lax.dynamic_slice_in_dim(x_BKGT_, qi * spec.block_q, spec.block_q, axis=3)
+
+
+def _key_block(spec: _Spec, x_BKS_, kj) -> jax.Array:
+    """Key block `kj` of a [B, K, S_pad, ...] array."""
+    return jax.lax.dynamic_slice_in_dim(x_BKS_, kj * spec.block_k, spec.block_k, axis=2)
+
+
 def _tile_mask(spec: _Spec, qi, kj, seg_q_BT, seg_k_BS) -> jax.Array:
     """bool [B or 1, 1, 1, block_q, block_k]: the visible entries of tile (qi, kj)."""
     q_pos_Q1 = qi * spec.block_q + jnp.arange(spec.block_q)[:, None]
@@ -132,23 +150,16 @@ def _forward(spec: _Spec, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
     """(output [B, T, N, H] in q's dtype, logsumexp float32 [B, K, G, T_pad])."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    bq, bk = spec.block_q, spec.block_k
-    T_pad, S_pad = _padded(T, bq), _padded(spec.kv_len, bk)
-    q_BKGTH = _grouped_queries(q_BTNH, K, T_pad)
-    k_BKSH, v_BKSH = _kv_heads_first(k_BSKH, S_pad), _kv_heads_first(v_BSKH, S_pad)
-    seg_q_BT, seg_k_BS = _segments(segment_ids_BT, spec)
+    q_BKGTH, k_BKSH, v_BKSH, seg_q_BT, seg_k_BS = _tiled_inputs(spec, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    T_pad = q_BKGTH.shape[3]
 
     def step(carry, pair):
         m_BKGT, l_BKGT, acc_BKGTH = carry
         qi, kj = pair
-        q0, k0 = qi * bq, kj * bk
-        q_BKGQH = jax.lax.dynamic_slice_in_dim(q_BKGTH, q0, bq, axis=3)
-        k_BKCH = jax.lax.dynamic_slice_in_dim(k_BKSH, k0, bk, axis=2)
-        v_BKCH = jax.lax.dynamic_slice_in_dim(v_BKSH, k0, bk, axis=2)
+        q0 = qi * spec.block_q
+        q_BKGQH, k_BKCH, v_BKCH = _row_block(spec, q_BKGTH, qi), _key_block(spec, k_BKSH, kj), _key_block(spec, v_BKSH, kj)
         s_BKGQC = _tile_scores(spec, q_BKGQH, k_BKCH, _tile_mask(spec, qi, kj, seg_q_BT, seg_k_BS))
-        m_old_BKGQ = jax.lax.dynamic_slice_in_dim(m_BKGT, q0, bq, axis=3)
-        l_old_BKGQ = jax.lax.dynamic_slice_in_dim(l_BKGT, q0, bq, axis=3)
-        acc_old_BKGQH = jax.lax.dynamic_slice_in_dim(acc_BKGTH, q0, bq, axis=3)
+        m_old_BKGQ, l_old_BKGQ, acc_old_BKGQH = (_row_block(spec, x, qi) for x in (m_BKGT, l_BKGT, acc_BKGTH))
         m_new_BKGQ = jnp.maximum(m_old_BKGQ, s_BKGQC.max(axis=-1))
         alpha_BKGQ = jnp.exp(m_old_BKGQ - m_new_BKGQ)  # rescales what earlier key blocks summed
         p_BKGQC = jnp.exp(s_BKGQC - m_new_BKGQ[..., None])
@@ -186,12 +197,9 @@ def _attention_bwd(spec: _Spec, residuals, dout_BTNH):
     q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, out_BTNH, lse_BKGT = residuals
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    bq, bk = spec.block_q, spec.block_k
-    T_pad, S_pad = _padded(T, bq), _padded(spec.kv_len, bk)
-    q_BKGTH = _grouped_queries(q_BTNH, K, T_pad)
+    q_BKGTH, k_BKSH, v_BKSH, seg_q_BT, seg_k_BS = _tiled_inputs(spec, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    T_pad, S_pad = q_BKGTH.shape[3], k_BKSH.shape[2]
     do_BKGTH = _grouped_queries(dout_BTNH.astype(q_BTNH.dtype), K, T_pad)  # padded rows: zero cotangent
-    k_BKSH, v_BKSH = _kv_heads_first(k_BSKH, S_pad), _kv_heads_first(v_BSKH, S_pad)
-    seg_q_BT, seg_k_BS = _segments(segment_ids_BT, spec)
     # delta_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax backward's row term, computed once (FA-2).
     delta_BTN = jnp.sum(dout_BTNH.astype(jnp.float32) * out_BTNH.astype(jnp.float32), axis=-1)
     delta_BKGT = _pad_axis(delta_BTN.reshape(B, T, K, N // K).transpose(0, 2, 3, 1), 3, T_pad)
@@ -199,15 +207,11 @@ def _attention_bwd(spec: _Spec, residuals, dout_BTNH):
     def step(carry, pair):
         dq_BKGTH, dk_BKSH, dv_BKSH = carry
         qi, kj = pair
-        q0, k0 = qi * bq, kj * bk
-        q_BKGQH = jax.lax.dynamic_slice_in_dim(q_BKGTH, q0, bq, axis=3)
-        do_BKGQH = jax.lax.dynamic_slice_in_dim(do_BKGTH, q0, bq, axis=3)
-        k_BKCH = jax.lax.dynamic_slice_in_dim(k_BKSH, k0, bk, axis=2)
-        v_BKCH = jax.lax.dynamic_slice_in_dim(v_BKSH, k0, bk, axis=2)
+        q0, k0 = qi * spec.block_q, kj * spec.block_k
+        q_BKGQH, do_BKGQH, lse_BKGQ, delta_BKGQ = (_row_block(spec, x, qi) for x in (q_BKGTH, do_BKGTH, lse_BKGT, delta_BKGT))
+        k_BKCH, v_BKCH = _key_block(spec, k_BKSH, kj), _key_block(spec, v_BKSH, kj)
         mask_B11QC = _tile_mask(spec, qi, kj, seg_q_BT, seg_k_BS)
         s_BKGQC = _tile_scores(spec, q_BKGQH, k_BKCH, mask_B11QC)
-        lse_BKGQ = jax.lax.dynamic_slice_in_dim(lse_BKGT, q0, bq, axis=3)
-        delta_BKGQ = jax.lax.dynamic_slice_in_dim(delta_BKGT, q0, bq, axis=3)
         p_BKGQC = jnp.exp(s_BKGQC - lse_BKGQ[..., None])  # the forward's probabilities, recomputed
         # Contracting over (g, q) sums the G query heads that share a KV head: GQA's gradient reduction.
         dv_BKCH = jnp.einsum("bkgqc,bkgqh->bkch", p_BKGQC.astype(do_BKGQH.dtype), do_BKGQH, preferred_element_type=jnp.float32)
