@@ -72,10 +72,10 @@ def scale_per_parameter(multipliers: Any) -> optax.GradientTransformation:
 
 
 def make_optimizer(cfg: Config, boxed_params: Any) -> optax.GradientTransformation:
-    """AdamW after global-norm clipping. With `model.moe.router_lr_scale` the router's Adam step is scaled.
-    Under μP, microsoft/mup's MuAdamW: the Adam step of each
-    hidden matrix times 1/width multiplier, the decoupled decay step (lr * weight_decay * p) as SP's
-    (MuAdamW divides lr and multiplies weight_decay by m), so weight decay transfers across widths."""
+    """AdamW after global-norm clipping; `model.moe.router_lr_scale` scales the router's Adam step.
+    Under μP, microsoft/mup's MuAdamW: the Adam step of each hidden matrix times 1/width multiplier,
+    the decoupled decay step (lr * weight_decay * p) as SP's (MuAdamW divides lr and multiplies
+    weight_decay by m), so weight decay transfers across widths."""
     o = cfg.optim
     parts = []
     if o.grad_clip > 0:
