@@ -16,6 +16,7 @@ import yaml
 
 from lmjax import flops
 from lmjax.config import ConfigError
+from lmjax.scaling import lr_rules
 from lmjax.scaling import plan as planlib
 from lmjax.scaling.sweep import Executor, sweep_command
 
@@ -103,6 +104,41 @@ def test_grid_rule_tunes_each_size_at_the_smallest_budget_then_reuses_it(tmp_pat
     assert fit["n_runs"] == 3 + 4  # the best rate per tuned size, and the reused ones
 
 
+def test_power_law_fit_recovers_a_known_law_from_parabolic_losses():
+    # Each size's loss is an exact parabola in log lr around lr* = 0.5 N^-0.4; the grid brackets every
+    # vertex, so the smoothed rates are the vertices and the line through them is the law itself.
+    grid = [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]
+    law = lambda n: 0.5 * n ** -0.4  # noqa: E731
+    losses = {(n, 64): {lr: [3.0 + 0.2 * math.log(lr / law(n)) ** 2] for lr in grid} for n in (1e4, 3e4, 1e5, 3e5)}
+    choice = lr_rules.choose("grid", 1e12, losses, fit="power_law")
+    for size in choice.sizes:
+        assert size.smoothed_lr == pytest.approx(law(size.params_total), rel=1e-6)
+        assert size.best_lr in grid and size.best_lr != pytest.approx(size.smoothed_lr)  # the grid alone is coarser
+    coefficient, exponent = choice.power_law()
+    assert (coefficient, exponent) == (pytest.approx(0.5, rel=1e-6), pytest.approx(-0.4, rel=1e-6))
+    assert choice.lr_for(2e5) == (pytest.approx(law(2e5), rel=1e-6), "power_law")  # any size, tuned or not
+    # No minimum inside the grid (a loss falling toward the edge): the grid's best rate, not an extrapolation.
+    edge = lr_rules.TunedSize(1000, 16, {lr: 4.0 - lr for lr in grid})
+    assert edge.smoothed_lr == 1.6e-2
+
+
+def test_power_law_rule_gives_every_larger_run_the_fitted_rate(tmp_path):
+    sweep_file = write_sweep(tmp_path, lr_rule="grid", lr_fit="power_law")
+    assert sweep_command(str(sweep_file), [], plan_only=False, executor=LawExecutor()) == 0
+    plan = json.loads((tmp_path / "sweep" / "plan.json").read_text())
+    fit = plan["lr_choice"]["fit"]
+    assert plan["lr_fit"] == "power_law" and fit["kind"] == "power_law" and fit["exponent"] < 0  # smaller rate for larger N
+    for entry in (e for e in plan["runs"] if e["budget"] == 4.0e13):
+        assert entry["lr_source"] == "power_law"
+        assert entry["lr"] == pytest.approx(fit["coefficient"] * entry["params_total"] ** fit["exponent"])
+        assert yaml.safe_load((Path(entry["run_dir"]) / "config.yaml").read_text())["optim"]["lr"] == entry["lr"]
+    # A per_size plan keeps the plan.json keys it always had (sweep dirs made before lr_fit still resume).
+    per_size = write_sweep(tmp_path / "per_size", lr_rule="grid")
+    assert sweep_command(str(per_size), [], plan_only=False, executor=LawExecutor()) == 0
+    saved = json.loads((tmp_path / "per_size" / "sweep" / "plan.json").read_text())
+    assert "lr_fit" not in saved and "fit" not in saved["lr_choice"]
+
+
 def test_seeds_run_every_point_and_the_fit_averages_them(tmp_path):
     sweep_file = write_sweep(tmp_path, seeds=[0, 1], lr_grid=[3.0e-3])
     executor = LawExecutor()
@@ -146,6 +182,8 @@ def test_mup_rule_tunes_at_the_base_width_and_transfers(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"lr_rule": "grid", "lr_grid": [1e-3]}, "give >= 2 learning rates"),
     ({"lr_rule": "sometimes"}, "lr_rule"),
+    ({"lr_rule": "grid", "lr_fit": "spline"}, "lr_fit: expected one of per_size, power_law"),
+    ({"lr_rule": "fixed", "lr_fit": "power_law"}, "lr_fit power_law fits the rates lr_rule grid tunes"),
     ({"seeds": [0, 0]}, "seeds: expected distinct"),
     ({"eval_tokens": -1}, "eval_tokens"),
     ({"lr_rule": "mup", "base_overrides": {"model.mup_base_width": 100}}, "no size there has that d_model"),

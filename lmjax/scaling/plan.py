@@ -18,8 +18,9 @@ Rules, all settings of the sweep file:
   warmup of min(`max_warmup_steps`, `warmup_fraction` x steps) steps (Porian et al. 2024: long
   warmups hurt small-budget runs).
 - Learning rate: by `lr_rule` (`lr_rules.py`): every value of `lr_grid` (or the base's `optim.lr`)
-  at every point (fixed), tuned per size at the smallest budget (grid), or tuned once at μP's base
-  width and transferred (mup); the fit keeps the best run per (budget, size).
+  at every point (fixed), tuned per size at the smallest budget (grid; `lr_fit: power_law` fits
+  lr = c N^k through the tuned sizes and uses it everywhere), or tuned once at μP's base width and
+  transferred (mup); the fit keeps the best run per (budget, size).
 - Seeds: each run once per value of `seeds` (config key `seed`); the fit averages them per point.
 - Final eval: every run's last evaluation reads `eval_tokens` validation tokens (at most the
   whole split; `train.final_eval_tokens`), the loss the fit reads, with its standard error.
@@ -80,6 +81,7 @@ class SweepConfig:
     param_convention: str = field(default="total", metadata={"choices": PARAM_CONVENTIONS})
     lr_grid: tuple[float, ...] = ()
     lr_rule: str = field(default="fixed", metadata={"choices": lr_rules.LR_RULES})  # lr_rules.py
+    lr_fit: str = field(default="per_size", metadata={"choices": lr_rules.LR_FITS})  # lr_rule grid: per size or a power law in N
     seeds: tuple[int, ...] = ()  # () = the base config's seed, once
     eval_tokens: int = 1_000_000  # each run's final eval: at least this many validation tokens, at most the split
     schedule: ScheduleRules = field(default_factory=ScheduleRules)
@@ -191,6 +193,7 @@ class SweepPlan:
             "budgets": list(self.sweep.budgets),
             "predict": to_dict(self.sweep.predict),
             "lr_rule": self.sweep.lr_rule,
+            **({"lr_fit": self.sweep.lr_fit} if self.sweep.lr_fit != "per_size" else {}),
             "lr_choice": self.lr_choice.to_json() if self.lr_choice else None,
             "seeds": list(self.sweep.seeds),
             "eval_tokens": self.sweep.eval_tokens,
@@ -265,7 +268,7 @@ def _check(sweep: SweepConfig) -> None:
         raise ConfigError(f"budgets: each budget once, got {list(sweep.budgets)}")
     if any(lr <= 0 for lr in sweep.lr_grid):
         raise ConfigError(f"lr_grid: learning rates must be > 0, got {list(sweep.lr_grid)}")
-    lr_rules.check_rule(sweep.lr_rule, sweep.lr_grid)
+    lr_rules.check_rule(sweep.lr_rule, sweep.lr_grid, sweep.lr_fit)
     if len(set(sweep.seeds)) != len(sweep.seeds) or any(seed < 0 for seed in sweep.seeds):
         raise ConfigError(f"seeds: expected distinct integers >= 0, got {list(sweep.seeds)}")
     if sweep.eval_tokens < 0:
@@ -357,6 +360,9 @@ def plan_sweep(sweep: SweepConfig, base_dir: Path, lr_choice: lr_rules.LRChoice 
     per_budget, warnings = _models_per_budget(sweep, base)
     smallest = min(per_budget)
     rule = sweep.lr_rule
+    if sweep.lr_fit == "power_law" and len(per_budget[smallest]) < 2:
+        raise ConfigError(f"lr_fit power_law fits a line through the tuned sizes: C={format_number(smallest)} "
+                          f"has {len(per_budget[smallest])} size(s), give >= 2")
     base_width = None
     if rule == "mup":
         base_width = lr_rules.mup_base_width(base.model, [m for _, m in per_budget[smallest]])

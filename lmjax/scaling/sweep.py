@@ -109,7 +109,7 @@ def choose_learning_rates(plan: SweepPlan, base_dir: Path) -> SweepPlan:
             return plan
         size = (flops.param_counts(run.config.model)["total"], run.config.model.d_model)
         losses.setdefault(size, {}).setdefault(run.lr, []).append(float(summary["final_eval_loss"]))
-    choice = lr_rules.choose(plan.sweep.lr_rule, min(run.budget for run in tuning), losses)
+    choice = lr_rules.choose(plan.sweep.lr_rule, min(run.budget for run in tuning), losses, plan.sweep.lr_fit)
     return plan_sweep(plan.sweep, base_dir, choice)
 
 
@@ -118,6 +118,10 @@ def print_choice(choice: lr_rules.LRChoice) -> None:
     for size in choice.sizes:
         losses = ", ".join(f"{format_number(lr)}: {loss:.4f}" for lr, loss in sorted(size.loss_by_lr.items()))
         print(f"  N={size.params_total:,} (d_model {size.d_model}): lr {format_number(size.best_lr)} ({losses})")
+    if choice.fit == "power_law":
+        coefficient, exponent = choice.power_law()
+        print(f"  every run: lr = {format_number(coefficient)} x N^{exponent:.3f}, fitted through the parabola vertices "
+              + ", ".join(format_number(size.smoothed_lr) for size in choice.sizes))
 
 
 def write_run_config(run: PlannedRun) -> None:
