@@ -1,11 +1,13 @@
-"""The trainer refactor changed no number: a short `dense_tiny` run reproduces, bit for bit, the loss
-curve recorded with the trainer as it was before tasks existed (commit d3cf911).
+"""The trainer refactor changed no number: a short `dense_tiny` run reproduces the loss curve
+recorded with the trainer as it was before tasks existed (commit d3cf911), bit for bit until the
+norm gains' gradients became matrix-vector products (`lmjax/models/feature_params.py`, the same sum
+in another float32 order): since then the gradient norm differs from the 6th digit (at most 8e-6
+relative over the 12 steps), the final loss in the 8th, so the curve is compared to 1e-5.
 
 The reference was written by this test with LMJAX_WRITE_REFERENCE=1 on the pre-refactor code, on
 a 2-core x86-64 CPU with the test suite's XLA flags (8 fake devices, Eigen matmuls). XLA:CPU
 results depend on the matmul kernels the CPU selects, so on another CPU model the comparison may
-differ in the last bits; the losses are compared exactly all the same, since this is what exact
-resume and reproducible sweeps rest on.
+differ in the last bits. Exact resume is tested on its own (tests/test_resume.py).
 
 The tokenizer's reserved pieces are pinned to the ones of that time: the chat role markers added to
 the defaults since (issue 11) change the vocabulary, and so the curve, without touching the trainer.
@@ -14,6 +16,8 @@ the defaults since (issue 11) change the vocabulary, and so the curve, without t
 import json
 import os
 from pathlib import Path
+
+import numpy as np
 
 from lmjax.config import load_config
 from lmjax.train.loop import train
@@ -49,4 +53,6 @@ def test_dense_tiny_curve_matches_the_pre_refactor_trainer(tmp_path, data_cache)
         REFERENCE.write_text(json.dumps(curve, indent=1) + "\n")
     reference = json.loads(REFERENCE.read_text())
     assert len(curve["train"]) == 12 and len(curve["eval"]) == 2
-    assert curve == reference
+    for key in ("train", "eval"):
+        assert [row[0] for row in curve[key]] == [row[0] for row in reference[key]]  # the same steps
+        np.testing.assert_allclose(np.array(curve[key])[:, 1:], np.array(reference[key])[:, 1:], rtol=1e-5, atol=0)

@@ -24,6 +24,7 @@ import numpy as np
 from lmjax.config import ConfigError, ModelConfig, RopeScalingConfig
 from lmjax.errors import UserError
 from lmjax.models.activations import gelu, swiglu
+from lmjax.models.feature_params import add_bias, scale_features
 from lmjax.models.flash_attention import blockwise_attention
 from lmjax.models.mup import attention_scale, init_multiplier, logit_multiplier
 
@@ -91,11 +92,10 @@ class Dense(nn.Module):
         lead_shape = x.shape[: x.ndim - self.in_dims]
         x_2d = x.reshape(math.prod(lead_shape), math.prod(in_shape)).astype(self.dtype)
         y_2d = x_2d @ kernel.reshape(math.prod(in_shape), math.prod(self.features)).astype(self.dtype)
-        y = y_2d.reshape(*lead_shape, *self.features)
-        if self.use_bias:
+        if self.use_bias:  # its gradient a matrix-vector product, not XLA:CPU's slow column reduction
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.in_dims :])
-            y = y + self.param("bias", bias_init, self.features, self.param_dtype).astype(self.dtype)
-        return y
+            y_2d = add_bias(y_2d, self.param("bias", bias_init, self.features, self.param_dtype).reshape(-1))
+        return y_2d.reshape(*lead_shape, *self.features)
 
 
 class RMSNorm(nn.Module):
@@ -108,7 +108,7 @@ class RMSNorm(nn.Module):
         scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x_BTD.shape[-1],), self.param_dtype)
         x = x_BTD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * scale_D.astype(jnp.float32)).astype(self.dtype)
+        return scale_features(x, scale_D.astype(jnp.float32)).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -124,7 +124,7 @@ class LayerNorm(nn.Module):
         x = x_BTD.astype(jnp.float32)
         x = x - jnp.mean(x, axis=-1, keepdims=True)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(self.dtype)
+        return add_bias(scale_features(x, scale_D.astype(jnp.float32)), bias_D.astype(jnp.float32)).astype(self.dtype)
 
 
 def make_norm(config: ModelConfig, name: str) -> nn.Module:
