@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -204,3 +205,32 @@ def test_eval_prints_its_result_and_no_library_notices(tmp_path, tiny_overrides)
     # tiny_overrides evaluate one batch: no standard error (it needs two batches)
     assert list(json.loads(result.stdout)) == ["eval_loss", "eval_ppl", "eval_bpb", "eval_tokens", "step"]
     assert "read only" not in result.stderr and "read_only" not in result.stderr, result.stderr
+
+
+def test_the_command_restarts_once_with_hugepage_malloc(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(cli.sys, "platform", "linux")
+    monkeypatch.delenv("LMJAX_HUGEPAGE_MALLOC", raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    cli.restart_with_hugepage_malloc(["bench", "c.yaml", "model.remat=dots"])
+    ((executable, argv, env),) = calls
+    assert argv == [sys.executable, "-m", "lmjax.cli", "bench", "c.yaml", "model.remat=dots"]
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"  # the user's tunables kept
+    for already_set in ({"GLIBC_TUNABLES": env["GLIBC_TUNABLES"]}, {"LMJAX_HUGEPAGE_MALLOC": "off"}):
+        with monkeypatch.context() as m:
+            for key, value in already_set.items():
+                m.setenv(key, value)
+            cli.restart_with_hugepage_malloc(["bench"])
+    assert len(calls) == 1  # the restarted process, or a user who opted out, runs as it is
+
+
+def test_the_restarted_command_keeps_its_arguments_and_exit_status(tmp_path):
+    # A real restart (no GLIBC_TUNABLES given): the re-executed process parses the same arguments and reports
+    # the missing config once, with the user-error status; a restart loop would hit the timeout instead.
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LMJAX_HUGEPAGE_MALLOC")}
+    missing = tmp_path / "no_such.yaml"
+    result = subprocess.run([sys.executable, "-m", "lmjax.cli", "eval", str(missing)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("error:") == 1 and str(missing) in result.stderr
