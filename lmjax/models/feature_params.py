@@ -6,9 +6,11 @@ axis: a column reduction. XLA:CPU lowers a large reduction to a windowed reducti
 tree-reduction rewrite) that runs ~15x slower than a matrix-vector product over the same data
 (column sum of [4096, 1536] float32: 15 ms against 0.9 ms for `ones @ g`), and without the rewrite
 slower still. In a profile of the GPT-2 bench step, reductions took ~8% of the step, the largest
-of them the gradient of the 1,536-wide MLP bias (experiments/bench/README.md). `ones[N] @ g[N, F]` runs as one Eigen GEMV on CPU and as a
-reduction-shaped matmul elsewhere; under a mesh GSPMD partitions it like the reduction (partial
-sums over the sharded token axes, then an all-reduce). Float32 accumulation whatever the dtype.
+of them the gradient of the 1,536-wide MLP bias (experiments/bench/README.md).
+
+`ones[N] @ g[N, F]` runs as one Eigen GEMV on CPU and as a reduction-shaped matmul elsewhere;
+under a mesh GSPMD partitions it like the reduction (partial sums over the sharded token axes,
+then an all-reduce). Float32 accumulation whatever the dtype.
 """
 
 from __future__ import annotations
