@@ -3,7 +3,10 @@
 
 - values and gradients (x and W, with a z-loss on log Z) in float32, for chunks that divide the
   tokens, that do not (padding) and that exceed them, W in both layouts, a μP logit multiplier;
-- the compiled backward holds no float32 array of [tokens, vocab] (the plain one does);
+  the same for the training loss whose gradients are computed in the forward pass
+  (`fused_cross_entropy_loss`), whose per-token outputs carry no gradient;
+- the compiled backward holds no float32 array of [tokens, vocab] (the plain one does), and the
+  training loss's gradient program has three [tokens, D] x [D, V] matmuls, not four;
 - a tiny decoder's causal_lm loss, sums, gradients and eval sums with the key set equal the default
   path's (tied; untied with μP off its base width; MoE), and the parameter tree is unchanged;
 - one-line config errors.
@@ -19,7 +22,7 @@ import pytest
 
 from lmjax.config import ConfigError, load_config
 from lmjax.models import ModelInputError, build_model
-from lmjax.models.fused_cross_entropy import fused_cross_entropy
+from lmjax.models.fused_cross_entropy import fused_cross_entropy, fused_cross_entropy_loss
 from lmjax.tasks import CausalLMTask
 
 D, V = 16, 257  # V prime, so no other dimension of the programs below equals it
@@ -66,6 +69,54 @@ def test_values_and_gradients_equal_the_plain_computation(n_tokens, chunk, w_lay
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
     for got, want in ((dx, dx_ref), (dw, dw_ref)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("n_tokens,chunk", [(96, 32), (101, 32), (7, 1000)], ids=["divides", "padded", "one-chunk"])
+@pytest.mark.parametrize("w_layout", ["dv", "vd"])
+@pytest.mark.parametrize("multiplier,z_loss", [(1.0, 1e-2), (0.25, 1e-2), (1.0, 0.0)])
+def test_training_loss_with_forward_gradients_equals_the_plain_computation(n_tokens, chunk, w_layout, multiplier, z_loss):
+    x_ND, w_DV, targets_N = inputs(n_tokens)
+    weights_N = jnp.linspace(0.0, 2.0, n_tokens)  # a zero weight included: a masked token
+
+    def fused(x, w_DV):
+        w = w_DV if w_layout == "dv" else w_DV.T
+        return fused_cross_entropy_loss(x, w, targets_N, weights_N, z_loss=z_loss, chunk_tokens=chunk,
+                                        multiplier=multiplier, w_layout=w_layout)
+
+    def plain(x, w_DV):
+        ce_N, log_z_N = plain_cross_entropy(x, w_DV, targets_N, multiplier)
+        return jnp.sum(weights_N * ce_N) + z_loss * jnp.sum(weights_N * jnp.square(log_z_N)), ce_N, log_z_N
+
+    for got, want in zip(jax.jit(fused)(x_ND, w_DV), jax.jit(plain)(x_ND, w_DV)):  # without differentiation
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    grad = lambda f: jax.jit(jax.value_and_grad(lambda x, w: f(x, w)[0], argnums=(0, 1)))  # noqa: E731
+    (loss, (dx, dw)), (loss_ref, (dx_ref, dw_ref)) = grad(fused)(x_ND, w_DV), grad(plain)(x_ND, w_DV)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    for got, want in ((dx, dx_ref), (dw, dw_ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
+    # A scaled loss (the train step divides by the token count) scales the gradients.
+    dx_half = jax.grad(lambda x: 0.5 * fused(x, w_DV)[0])(x_ND)
+    np.testing.assert_allclose(dx_half, 0.5 * dx_ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(dx_ref).max()))
+    # The per-token outputs carry no gradient (the backward reads only the loss's cotangent).
+    assert not np.any(jax.grad(lambda x: jnp.sum(fused(x, w_DV)[1] + fused(x, w_DV)[2]))(x_ND))
+
+
+def vocab_matmuls(fn, *args) -> int:
+    """Matmuls with the vocabulary in an operand or the result in `fn`'s lowered program (a scan
+    body's count once)."""
+    text = jax.jit(fn).lower(*args).as_text()
+    return sum(1 for line in text.splitlines() if "stablehlo.dot_general" in line and re.search(rf"[<x]{V}x", line))
+
+
+def test_training_loss_computes_three_vocab_matmuls_not_four():
+    n_tokens, chunk = 512, 64
+    x_ND, w_DV, targets_N = inputs(n_tokens)
+    weights_N = jnp.ones(n_tokens)
+    per_token = jax.grad(lambda x, w: objective(fused_cross_entropy(x, w, targets_N, chunk_tokens=chunk), weights_N), argnums=(0, 1))
+    training = jax.grad(lambda x, w: fused_cross_entropy_loss(x, w, targets_N, weights_N, z_loss=1e-2, chunk_tokens=chunk)[0], argnums=(0, 1))
+    assert vocab_matmuls(per_token, x_ND, w_DV) == 4
+    assert vocab_matmuls(training, x_ND, w_DV) == 3
+    assert max(vocab_buffers(training, x_ND, w_DV)) <= max(chunk, D) * V
 
 
 def vocab_buffers(fn, *args) -> list[int]:

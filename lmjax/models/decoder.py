@@ -14,6 +14,12 @@ With `model.loss_chunk_tokens` set, int `targets` [B, T] make it return the per-
 and log-partition (float32 [B, T] each) instead, computed with the readout in chunks of tokens, so
 no [B, T, V] logits are kept for the backward pass (fused_cross_entropy.py); same parameters.
 
+    loss, ce_BT, log_z_BT = DecoderLM(config).apply(..., targets=targets, target_weights=mask_BT, z_loss=z)
+
+Training's form of the same: with float `target_weights` [B, T] it also returns the scalar
+sum(mask (ce + z log_z^2)), whose gradients are computed in the forward pass (one matmul fewer);
+ce and log_z then carry no gradient.
+
 Parameter tree: `embed/embedding` [V, D]; without RoPE (`model.positions`) `position_embedding`
 [max_seq_len, D]; the
 blocks are `layers/...` with a leading [n_layers] axis when `config.scan_layers` (logical name
@@ -93,9 +99,14 @@ class DecoderLM(LanguageModel):
         decode: bool = False,
         *,
         targets: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        target_weights: jax.Array | None = None,
+        z_loss: float = 0.0,
+    ) -> jax.Array | tuple[jax.Array, ...]:
         cfg = self.config
         self._check_inputs(tokens, positions, segment_ids, decode, targets)
+        if target_weights is not None and (targets is None or target_weights.shape != targets.shape):
+            raise ModelInputError(f"target_weights: expected targets of the same shape, got {target_weights.shape} "
+                                  f"and {None if targets is None else targets.shape}")
         tokens_BT, positions_BT, segment_ids_BT = tokens, positions, segment_ids
         batch, length = tokens_BT.shape
         first_position = self._count_decoded_tokens(length) if decode else 0
@@ -116,7 +127,7 @@ class DecoderLM(LanguageModel):
 
         x_BTD = make_norm(cfg, "final_norm")(x_BTD)
         if targets is not None:
-            return output_cross_entropy(self, cfg, embed, x_BTD, targets)
+            return output_cross_entropy(self, cfg, embed, x_BTD, targets, target_weights, z_loss)
         return output_logits(self, cfg, embed, x_BTD)
 
     def _blocks(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None, decode: bool) -> jax.Array:

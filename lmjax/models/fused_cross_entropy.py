@@ -16,6 +16,11 @@ per-token cross-entropy and log-partition instead, computed a chunk of tokens at
 The cost is one more [tokens, D] x [D, V] matmul (the recomputed logits) per training step; the
 memory is a few [chunk, V] float32 tiles and a float32 [D, V] gradient accumulator.
 
+Training does better (`fused_cross_entropy_loss`, what causal_lm and sft call): its loss is a
+weighted sum, so the backward's only unknown is one scalar, and dx and dW are computed in the
+forward scan from the logits it already has, as Liger-Kernel does; the backward scales them. Three
+[tokens, D] x [D, V] matmuls per step, like plain logits, and still no [tokens, V] array kept.
+
 Chunk m holds the tokens n with n mod n_chunks == m (a strided split): the token axis of x is the
 flattened, batch-sharded [B, T], so every chunk spreads over all data-parallel devices like x itself
 and the scan never slices a sharded axis. When `chunk_tokens` does not divide N, the chunks are
@@ -47,41 +52,78 @@ def fused_cross_entropy(x_ND: jax.Array, w: jax.Array, targets_N: jax.Array, *, 
     transpose is made). Matches `jax.nn.logsumexp(logits) - logits[target]` in values and gradients
     (x and w) up to float32 rounding of the summation order.
     """
-    if w_layout not in ("dv", "vd"):  # also the einsum operand string of w
-        raise ValueError(f"w_layout: expected 'dv' or 'vd', got {w_layout!r}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    n_tokens, d_model = x_ND.shape
-    n_chunks = -(-n_tokens // chunk_tokens)
-    per_chunk = -(-n_tokens // n_chunks)  # <= chunk_tokens; pads fewer than n_chunks tokens
-    padding = n_chunks * per_chunk - n_tokens
-    if padding:
-        x_ND = jnp.pad(x_ND, ((0, padding), (0, 0)))
-        targets_N = jnp.pad(targets_N, (0, padding))
-    # [N, D] -> [c, C, D] keeps each device's contiguous rows in the c axis; the scan runs over C.
-    x_CcD = x_ND.reshape(per_chunk, n_chunks, d_model).swapaxes(0, 1)
-    targets_Cc = targets_N.reshape(per_chunk, n_chunks).swapaxes(0, 1)
-    ce_Cc, log_z_Cc = _chunked_cross_entropy(float(multiplier), w_layout, x_CcD, w, targets_Cc)
-    unchunk = lambda a_Cc: a_Cc.swapaxes(0, 1).reshape(-1)[:n_tokens]  # noqa: E731
-    return unchunk(ce_Cc), unchunk(log_z_Cc)
+    chunked = _Chunked(x_ND, chunk_tokens, w_layout)
+    ce_Cc, log_z_Cc = _chunked_cross_entropy(float(multiplier), w_layout, chunked.x_CcD, w, chunked.split(targets_N))
+    return chunked.join(ce_Cc), chunked.join(log_z_Cc)
+
+
+def fused_cross_entropy_loss(x_ND: jax.Array, w: jax.Array, targets_N: jax.Array, weights_N: jax.Array, *,
+                             z_loss: float, chunk_tokens: int, multiplier: float = 1.0,
+                             w_layout: str = "dv") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(loss, ce_N, log_z_N) for training: loss = sum_n weights_n (ce_n + z_loss log_z_n^2), a float32
+    scalar, with the per-token values of `fused_cross_entropy`, which here carry no gradient.
+
+    The loss's gradients (x and w; not the weights) are computed in the forward pass, chunk by chunk
+    while the logits are at hand (as Liger-Kernel's fused linear cross-entropy does): the cotangent of
+    a sum is one scalar g, so d logits = g (softmax s_n - onehot w_n) with s_n = w_n (1 + 2 z_loss
+    log_z_n), all known before the backward. That saves the backward's recomputation of the logits,
+    one [N, D] x [D, V] matmul of four; the residuals are dx [N, D] and a float32 dW. The same values
+    and gradients as `fused_cross_entropy` under this objective, up to float32 rounding.
+    """
+    chunked = _Chunked(x_ND, chunk_tokens, w_layout)
+    loss, ce_Cc, log_z_Cc = _chunked_loss(float(multiplier), w_layout, float(z_loss), chunked.x_CcD, w,
+                                          chunked.split(targets_N), chunked.split(weights_N.astype(jnp.float32)))
+    # _chunked_loss's backward reads only the loss's cotangent: no gradient may reach the others.
+    return loss, jax.lax.stop_gradient(chunked.join(ce_Cc)), jax.lax.stop_gradient(chunked.join(log_z_Cc))
 
 
 def output_cross_entropy(module: nn.Module, config: ModelConfig, embed: Embed, x_BTD: jax.Array,
-                         targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+                         targets_BT: jax.Array, weights_BT: jax.Array | None = None,
+                         z_loss: float = 0.0) -> tuple[jax.Array, ...]:
     """A decoder's (cross-entropy, log Z), float32 [B, T] each, from its final hidden states: the
     readout of `layers.output_logits` (the tied table of `embed`, or `module`'s `unembed` [D, V];
-    μP's logit multiplier) without its logits."""
+    μP's logit multiplier) without its logits. With `weights_BT`, (loss, cross-entropy, log Z) of
+    `fused_cross_entropy_loss` instead."""
     batch, length, d_model = x_BTD.shape
     if config.tie_embeddings:  # the dtypes of `Embed.attend` and `output_logits`
         w, layout = embed.embedding.astype(jnp.dtype(config.dtype)), "vd"
     else:
         w, layout = unembed_matrix(module, config).astype(x_BTD.dtype), "dv"
-    ce_N, log_z_N = fused_cross_entropy(
-        x_BTD.reshape(batch * length, d_model), w, targets_BT.reshape(-1), chunk_tokens=config.loss_chunk_tokens,
-        multiplier=logit_multiplier(config), w_layout=layout,
-    )
+    x_ND, targets_N = x_BTD.reshape(batch * length, d_model), targets_BT.reshape(-1)
+    options = dict(chunk_tokens=config.loss_chunk_tokens, multiplier=logit_multiplier(config), w_layout=layout)
     as_BT = lambda a_N: nn.with_logical_constraint(a_N.reshape(batch, length), ("batch", "length"))  # noqa: E731
-    return as_BT(ce_N), as_BT(log_z_N)
+    if weights_BT is None:
+        ce_N, log_z_N = fused_cross_entropy(x_ND, w, targets_N, **options)
+        return as_BT(ce_N), as_BT(log_z_N)
+    loss, ce_N, log_z_N = fused_cross_entropy_loss(x_ND, w, targets_N, weights_BT.reshape(-1), z_loss=z_loss, **options)
+    return loss, as_BT(ce_N), as_BT(log_z_N)
+
+
+class _Chunked:
+    """x [N, D] as [C, c, D] chunks (the strided split of the module docstring), with the same split
+    (`split`) and its inverse (`join`) for per-token arrays [N]. Padding tokens are zeros."""
+
+    def __init__(self, x_ND: jax.Array, chunk_tokens: int, w_layout: str):
+        if w_layout not in ("dv", "vd"):  # also the einsum operand string of w
+            raise ValueError(f"w_layout: expected 'dv' or 'vd', got {w_layout!r}")
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.n_tokens, d_model = x_ND.shape
+        self.n_chunks = -(-self.n_tokens // chunk_tokens)
+        self.per_chunk = -(-self.n_tokens // self.n_chunks)  # <= chunk_tokens; pads fewer than n_chunks tokens
+        self.padding = self.n_chunks * self.per_chunk - self.n_tokens
+        if self.padding:
+            x_ND = jnp.pad(x_ND, ((0, self.padding), (0, 0)))
+        # [N, D] -> [c, C, D] keeps each device's contiguous rows in the c axis; the scan runs over C.
+        self.x_CcD = x_ND.reshape(self.per_chunk, self.n_chunks, d_model).swapaxes(0, 1)
+
+    def split(self, a_N: jax.Array) -> jax.Array:
+        if self.padding:
+            a_N = jnp.pad(a_N, (0, self.padding))
+        return a_N.reshape(self.per_chunk, self.n_chunks).swapaxes(0, 1)
+
+    def join(self, a_Cc: jax.Array) -> jax.Array:
+        return a_Cc.swapaxes(0, 1).reshape(-1)[: self.n_tokens]
 
 
 def _chunk_logits(multiplier: float, w_layout: str, x_cD: jax.Array, w: jax.Array) -> jax.Array:
@@ -141,3 +183,57 @@ def _chunked_bwd(multiplier, w_layout, residuals, cotangents):
 
 
 _chunked_cross_entropy.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+# ----------------------------------------------------------------------------- the training loss
+
+
+def _loss_forward(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weights_Cc, with_grads: bool):
+    """((loss, ce, log_z), residuals); with_grads: the residuals are the loss's dx and float32 dW."""
+    def step(dw_DV_f32, chunk):
+        x_cD, targets_c, weights_c = chunk
+        logits_cV = _chunk_logits(multiplier, w_layout, x_cD, w)
+        log_z_c = jax.nn.logsumexp(logits_cV, axis=-1)
+        is_target_cV = _is_target(logits_cV, targets_c)
+        ce_c = log_z_c - jnp.sum(jnp.where(is_target_cV, logits_cV, 0.0), axis=-1)
+        if not with_grads:
+            return dw_DV_f32, (ce_c, log_z_c)
+        softmax_weight_c = weights_c * (1.0 + 2.0 * z_loss * log_z_c)  # d loss / d log_z_c
+        probs_cV = jnp.exp(logits_cV - log_z_c[:, None])
+        dlogits_cV = probs_cV * softmax_weight_c[:, None] - jnp.where(is_target_cV, weights_c[:, None], 0.0)
+        if multiplier != 1.0:
+            dlogits_cV = dlogits_cV * multiplier
+        dlogits_cV = dlogits_cV.astype(x_cD.dtype)  # matmuls in the compute dtype, float32 accumulation
+        dx_cD = jnp.einsum(f"cv,{w_layout}->cd", dlogits_cV, w, preferred_element_type=jnp.float32)
+        # dW accumulates as [D, V] in either layout: XLA:CPU's "cd,cv->dv" runs ~1.2x its "cd,cv->vd".
+        dw_DV_f32 = dw_DV_f32 + jnp.einsum("cd,cv->dv", x_cD, dlogits_cV, preferred_element_type=jnp.float32)
+        return dw_DV_f32, (ce_c, log_z_c, dx_cD.astype(x_cD.dtype))
+
+    d_model, vocab = (w.shape if w_layout == "dv" else w.shape[::-1])
+    dw_DV_f32, outputs = jax.lax.scan(step, jnp.zeros((d_model, vocab), jnp.float32) if with_grads else None,
+                                      (x_CcD, targets_Cc, weights_Cc))
+    dw_f32 = dw_DV_f32 if w_layout == "dv" or not with_grads else dw_DV_f32.T
+    ce_Cc, log_z_Cc = outputs[:2]
+    loss = jnp.sum(weights_Cc * ce_Cc)
+    if z_loss:
+        loss = loss + z_loss * jnp.sum(weights_Cc * jnp.square(log_z_Cc))
+    w_dtype = jnp.zeros((0,), w.dtype)  # dW's dtype, carried as an empty residual
+    return (loss, ce_Cc, log_z_Cc), (outputs[2] if with_grads else None, dw_f32, w_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunked_loss(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weights_Cc):
+    return _loss_forward(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weights_Cc, with_grads=False)[0]
+
+
+def _chunked_loss_fwd(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weights_Cc):
+    return _loss_forward(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weights_Cc, with_grads=True)
+
+
+def _chunked_loss_bwd(multiplier, w_layout, z_loss, residuals, cotangents):
+    dx_CcD, dw_f32, w_dtype = residuals
+    dloss = cotangents[0]  # ce and log_z leave fused_cross_entropy_loss through stop_gradient
+    return (dloss * dx_CcD).astype(dx_CcD.dtype), (dloss * dw_f32).astype(w_dtype.dtype), None, None
+
+
+_chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)

@@ -130,12 +130,16 @@ class Task(abc.ABC):
     def loss(self, params: Any, frozen: Any, batch: Batch, model: nn.Module) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(objective summed over the batch, sums incl. `loss_sum` and the normaliser)."""
 
-    def objective(self, sums: dict[str, jax.Array], model_state: dict) -> jax.Array:
+    def objective(self, sums: dict[str, jax.Array], model_state: dict, token_objective: jax.Array | None = None) -> jax.Array:
         """`loss_sum` + `train.z_loss` x `z_loss_sum` (PaLM) + the model's sown auxiliary loss (a
         per-token mean, e.g. MoE router losses) x the normaliser. Adds the auxiliary metrics to
-        `sums`, weighted by the normaliser like every other sum."""
+        `sums`, weighted by the normaliser like every other sum. `token_objective`: the first two
+        terms as the model computed them (the fused cross-entropy, which carries their gradient)."""
         z_loss = self.cfg.train.z_loss
-        objective = sums["loss_sum"] + z_loss * sums["z_loss_sum"] if z_loss else sums["loss_sum"]
+        if token_objective is not None:
+            objective = token_objective
+        else:
+            objective = sums["loss_sum"] + z_loss * sums["z_loss_sum"] if z_loss else sums["loss_sum"]
         intermediates = model_state.get("intermediates", {})
         if AUX_LOSS in intermediates:
             count = sums[self.normalizer]

@@ -2,7 +2,8 @@
 
 With `model.loss_chunk_tokens` set, the model is given the targets and returns the per-token
 cross-entropy and log-partition itself (lmjax/models/fused_cross_entropy.py) instead of logits;
-the sums below are the same either way.
+the sums below are the same either way. In training it is also given the loss mask and the z-loss
+weight and returns their weighted sum with its gradients already computed in the forward pass.
 """
 
 from __future__ import annotations
@@ -34,9 +35,15 @@ class CausalLMTask(Task):
         return ce_BL, log_z_BL, state
 
     def loss(self, params, frozen, batch, model):
-        ce_BL, log_z_BL, state = self.token_losses(params, batch, model, mutable=["intermediates"])
+        if self.cfg.model.loss_chunk_tokens is None:
+            ce_BL, log_z_BL, state = self.token_losses(params, batch, model, mutable=["intermediates"])
+            sums = masked_token_sums(ce_BL, log_z_BL, batch)
+            return self.objective(sums, state), sums
+        (token_objective, ce_BL, log_z_BL), state = model.apply(
+            {"params": params}, *self.model_inputs(batch), targets=batch["targets"],
+            target_weights=batch["loss_mask"], z_loss=self.cfg.train.z_loss, mutable=["intermediates"])
         sums = masked_token_sums(ce_BL, log_z_BL, batch)
-        return self.objective(sums, state), sums
+        return self.objective(sums, state, token_objective), sums
 
     def eval_sums(self, params, frozen, batch, model, constants):
         ce_BL, _, _ = self.token_losses(params, batch, model)
