@@ -34,11 +34,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 # Masked scores: finite (like jax.nn.dot_product_attention's -0.7 * float32 max) rather than -inf, so
 # a row with no visible key in a tile gives exp(0) = 1 there instead of exp(-inf + inf) = NaN; any
 # visible key later raises the row maximum and its rescale factor exp(MASK - max) wipes them out.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+ATTENTION_OUT, ATTENTION_LSE = "blockwise_attention_out", "blockwise_attention_lse"  # checkpoint names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +192,9 @@ def _attention(spec: _Spec, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
 
 def _attention_fwd(spec: _Spec, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
     out_BTNH, lse_BKGT = _forward(spec, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    # Named so that a remat policy can keep them (`model.remat: dots` does): otherwise the backward
+    # of a rematerialised block reruns this whole forward scan to get them back.
+    out_BTNH, lse_BKGT = checkpoint_name(out_BTNH, ATTENTION_OUT), checkpoint_name(lse_BKGT, ATTENTION_LSE)
     return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, out_BTNH, lse_BKGT)
 
 

@@ -25,7 +25,7 @@ from lmjax.config import ConfigError, ModelConfig, RopeScalingConfig
 from lmjax.errors import UserError
 from lmjax.models.activations import gelu, swiglu
 from lmjax.models.feature_params import add_bias, scale_features
-from lmjax.models.flash_attention import blockwise_attention
+from lmjax.models.flash_attention import ATTENTION_LSE, ATTENTION_OUT, blockwise_attention
 from lmjax.models.mup import attention_scale, init_multiplier, logit_multiplier
 
 
@@ -359,9 +359,12 @@ class Block(nn.Module):
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    # Saves weight matmul outputs; recomputes norms, activations and attention (whose einsums have
-    # batch dimensions, so the [B, N, T, T] scores are never stored).
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Saves weight matmul outputs and blockwise attention's output and logsumexp (linear in T);
+    # recomputes norms, RoPE and activations. Attention's score einsums have batch dimensions, so the
+    # [B, N, T, T] scores are never stored.
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE)),
 }
 
 
