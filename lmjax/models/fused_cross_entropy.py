@@ -138,13 +138,41 @@ def _is_target(logits_cV: jax.Array, targets_c: jax.Array) -> jax.Array:
     return jax.lax.broadcasted_iota(jnp.int32, logits_cV.shape, 1) == targets_c[:, None]
 
 
+def _chunk_cross_entropy(multiplier, w_layout, x_cD, w, targets_c):
+    """One chunk's (logits, target one-hot, cross-entropy, log Z)."""
+    logits_cV = _chunk_logits(multiplier, w_layout, x_cD, w)
+    is_target_cV = _is_target(logits_cV, targets_c)
+    log_z_c = jax.nn.logsumexp(logits_cV, axis=-1)
+    return logits_cV, is_target_cV, log_z_c - jnp.sum(jnp.where(is_target_cV, logits_cV, 0.0), axis=-1), log_z_c
+
+
+def _chunk_gradients(multiplier, w_layout, x_cD, w, logits_cV, is_target_cV, log_z_c, softmax_weight_c, target_weight_c):
+    """One chunk's (dx, dW as [D, V] float32) for d logits = softmax x softmax_weight - onehot x
+    target_weight (per token): the cross-entropy's with (d ce + d log Z, d ce)."""
+    probs_cV = jnp.exp(logits_cV - log_z_c[:, None])
+    dlogits_cV = probs_cV * softmax_weight_c[:, None] - jnp.where(is_target_cV, target_weight_c[:, None], 0.0)
+    if multiplier != 1.0:
+        dlogits_cV = dlogits_cV * multiplier
+    dlogits_cV = dlogits_cV.astype(x_cD.dtype)  # matmuls in the compute dtype, float32 accumulation
+    dx_cD = jnp.einsum(f"cv,{w_layout}->cd", dlogits_cV, w, preferred_element_type=jnp.float32)
+    # dW as [D, V] in either layout: XLA:CPU's "cd,cv->dv" runs ~1.2x its "cd,cv->vd".
+    dw_DV = jnp.einsum("cd,cv->dv", x_cD, dlogits_cV, preferred_element_type=jnp.float32)
+    return dx_cD.astype(x_cD.dtype), dw_DV
+
+
+def _zeros_DV(w_layout, w) -> jax.Array:
+    return jnp.zeros(w.shape if w_layout == "dv" else w.shape[::-1], jnp.float32)
+
+
+def _in_layout(w_layout, dw_DV_f32, dtype) -> jax.Array:
+    return (dw_DV_f32 if w_layout == "dv" else dw_DV_f32.T).astype(dtype)
+
+
 def _forward(multiplier, w_layout, x_CcD, w, targets_Cc):
     def step(_, chunk):
         x_cD, targets_c = chunk
-        logits_cV = _chunk_logits(multiplier, w_layout, x_cD, w)
-        log_z_c = jax.nn.logsumexp(logits_cV, axis=-1)
-        target_logit_c = jnp.sum(jnp.where(_is_target(logits_cV, targets_c), logits_cV, 0.0), axis=-1)
-        return None, (log_z_c - target_logit_c, log_z_c)
+        _, _, ce_c, log_z_c = _chunk_cross_entropy(multiplier, w_layout, x_cD, w, targets_c)
+        return None, (ce_c, log_z_c)
 
     _, (ce_Cc, log_z_Cc) = jax.lax.scan(step, None, (x_CcD, targets_Cc))
     return ce_Cc, log_z_Cc
@@ -164,22 +192,16 @@ def _chunked_bwd(multiplier, w_layout, residuals, cotangents):
     x_CcD, w, targets_Cc, log_z_Cc = residuals
     dce_Cc, dlog_z_Cc = cotangents
 
-    def step(dw_f32, chunk):
+    def step(dw_DV_f32, chunk):
         x_cD, targets_c, log_z_c, dce_c, dlog_z_c = chunk
-        logits_cV = _chunk_logits(multiplier, w_layout, x_cD, w)
-        probs_cV = jnp.exp(logits_cV - log_z_c[:, None])  # the forward's softmax, recomputed
-        dlogits_cV = probs_cV * (dce_c + dlog_z_c)[:, None] - jnp.where(_is_target(logits_cV, targets_c), dce_c[:, None], 0.0)
-        if multiplier != 1.0:
-            dlogits_cV = dlogits_cV * multiplier
-        # Matmuls in the compute dtype with float32 accumulation, like the forward's.
-        dlogits_cV = dlogits_cV.astype(x_cD.dtype)
-        dx_cD = jnp.einsum(f"cv,{w_layout}->cd", dlogits_cV, w, preferred_element_type=jnp.float32)
-        dw_f32 = dw_f32 + jnp.einsum(f"cd,cv->{w_layout}", x_cD, dlogits_cV, preferred_element_type=jnp.float32)
-        return dw_f32, dx_cD.astype(x_cD.dtype)
+        logits_cV = _chunk_logits(multiplier, w_layout, x_cD, w)  # the forward's, recomputed
+        dx_cD, dw_DV = _chunk_gradients(multiplier, w_layout, x_cD, w, logits_cV, _is_target(logits_cV, targets_c),
+                                        log_z_c, dce_c + dlog_z_c, dce_c)
+        return dw_DV_f32 + dw_DV, dx_cD
 
     chunks = (x_CcD, targets_Cc, log_z_Cc, dce_Cc.astype(jnp.float32), dlog_z_Cc.astype(jnp.float32))
-    dw_f32, dx_CcD = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), chunks)
-    return dx_CcD, dw_f32.astype(w.dtype), None
+    dw_DV_f32, dx_CcD = jax.lax.scan(step, _zeros_DV(w_layout, w), chunks)
+    return dx_CcD, _in_layout(w_layout, dw_DV_f32, w.dtype), None
 
 
 _chunked_cross_entropy.defvjp(_chunked_fwd, _chunked_bwd)
@@ -188,52 +210,36 @@ _chunked_cross_entropy.defvjp(_chunked_fwd, _chunked_bwd)
 # ----------------------------------------------------------------------------- the training loss
 
 
-def _loss_forward(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weights_Cc, with_grads: bool):
-    """((loss, ce, log_z), residuals); with_grads: the residuals are the loss's dx and float32 dW."""
-    def step(dw_DV_f32, chunk):
-        x_cD, targets_c, weights_c = chunk
-        logits_cV = _chunk_logits(multiplier, w_layout, x_cD, w)
-        log_z_c = jax.nn.logsumexp(logits_cV, axis=-1)
-        is_target_cV = _is_target(logits_cV, targets_c)
-        ce_c = log_z_c - jnp.sum(jnp.where(is_target_cV, logits_cV, 0.0), axis=-1)
-        if not with_grads:
-            return dw_DV_f32, (ce_c, log_z_c)
-        softmax_weight_c = weights_c * (1.0 + 2.0 * z_loss * log_z_c)  # d loss / d log_z_c
-        probs_cV = jnp.exp(logits_cV - log_z_c[:, None])
-        dlogits_cV = probs_cV * softmax_weight_c[:, None] - jnp.where(is_target_cV, weights_c[:, None], 0.0)
-        if multiplier != 1.0:
-            dlogits_cV = dlogits_cV * multiplier
-        dlogits_cV = dlogits_cV.astype(x_cD.dtype)  # matmuls in the compute dtype, float32 accumulation
-        dx_cD = jnp.einsum(f"cv,{w_layout}->cd", dlogits_cV, w, preferred_element_type=jnp.float32)
-        # dW accumulates as [D, V] in either layout: XLA:CPU's "cd,cv->dv" runs ~1.2x its "cd,cv->vd".
-        dw_DV_f32 = dw_DV_f32 + jnp.einsum("cd,cv->dv", x_cD, dlogits_cV, preferred_element_type=jnp.float32)
-        return dw_DV_f32, (ce_c, log_z_c, dx_cD.astype(x_cD.dtype))
-
-    d_model, vocab = (w.shape if w_layout == "dv" else w.shape[::-1])
-    dw_DV_f32, outputs = jax.lax.scan(step, jnp.zeros((d_model, vocab), jnp.float32) if with_grads else None,
-                                      (x_CcD, targets_Cc, weights_Cc))
-    dw_f32 = dw_DV_f32 if w_layout == "dv" or not with_grads else dw_DV_f32.T
-    ce_Cc, log_z_Cc = outputs[:2]
+def _weighted_sum(z_loss, weights_Cc, ce_Cc, log_z_Cc) -> jax.Array:
     loss = jnp.sum(weights_Cc * ce_Cc)
-    if z_loss:
-        loss = loss + z_loss * jnp.sum(weights_Cc * jnp.square(log_z_Cc))
-    w_dtype = jnp.zeros((0,), w.dtype)  # dW's dtype, carried as an empty residual
-    return (loss, ce_Cc, log_z_Cc), (outputs[2] if with_grads else None, dw_f32, w_dtype)
+    return loss + z_loss * jnp.sum(weights_Cc * jnp.square(log_z_Cc)) if z_loss else loss
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _chunked_loss(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weights_Cc):
-    return _loss_forward(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weights_Cc, with_grads=False)[0]
+    ce_Cc, log_z_Cc = _forward(multiplier, w_layout, x_CcD, w, targets_Cc)
+    return _weighted_sum(z_loss, weights_Cc, ce_Cc, log_z_Cc), ce_Cc, log_z_Cc
 
 
 def _chunked_loss_fwd(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weights_Cc):
-    return _loss_forward(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weights_Cc, with_grads=True)
+    """The forward, and the loss's dx and dW from each chunk's logits while they are at hand."""
+    def step(dw_DV_f32, chunk):
+        x_cD, targets_c, weights_c = chunk
+        logits_cV, is_target_cV, ce_c, log_z_c = _chunk_cross_entropy(multiplier, w_layout, x_cD, w, targets_c)
+        softmax_weight_c = weights_c * (1.0 + 2.0 * z_loss * log_z_c)  # d loss / d log_z_c
+        dx_cD, dw_DV = _chunk_gradients(multiplier, w_layout, x_cD, w, logits_cV, is_target_cV, log_z_c,
+                                        softmax_weight_c, weights_c)
+        return dw_DV_f32 + dw_DV, (ce_c, log_z_c, dx_cD)
+
+    dw_DV_f32, (ce_Cc, log_z_Cc, dx_CcD) = jax.lax.scan(step, _zeros_DV(w_layout, w), (x_CcD, targets_Cc, weights_Cc))
+    w_dtype = jnp.zeros((0,), w.dtype)  # dW's dtype, carried as an empty residual
+    return (_weighted_sum(z_loss, weights_Cc, ce_Cc, log_z_Cc), ce_Cc, log_z_Cc), (dx_CcD, dw_DV_f32, w_dtype)
 
 
 def _chunked_loss_bwd(multiplier, w_layout, z_loss, residuals, cotangents):
-    dx_CcD, dw_f32, w_dtype = residuals
+    dx_CcD, dw_DV_f32, w_dtype = residuals
     dloss = cotangents[0]  # ce and log_z leave fused_cross_entropy_loss through stop_gradient
-    return (dloss * dx_CcD).astype(dx_CcD.dtype), (dloss * dw_f32).astype(w_dtype.dtype), None, None
+    return (dloss * dx_CcD).astype(dx_CcD.dtype), _in_layout(w_layout, dloss * dw_DV_f32, w_dtype.dtype), None, None
 
 
 _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
