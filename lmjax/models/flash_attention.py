@@ -202,47 +202,54 @@ def _attention_bwd(spec: _Spec, residuals, dout_BTNH):
     q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, out_BTNH, lse_BKGT = residuals
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
+    G = N // K
     q_BKGTH, k_BKSH, v_BKSH, seg_q_BT, seg_k_BS = _tiled_inputs(spec, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
     T_pad, S_pad = q_BKGTH.shape[3], k_BKSH.shape[2]
+    kT_BKHS = k_BKSH.swapaxes(2, 3)  # once here rather than one copy per tile for dq's matmul
     do_BKGTH = _grouped_queries(dout_BTNH.astype(q_BTNH.dtype), K, T_pad)  # padded rows: zero cotangent
     # delta_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax backward's row term, computed once (FA-2).
     delta_BTN = jnp.sum(dout_BTNH.astype(jnp.float32) * out_BTNH.astype(jnp.float32), axis=-1)
-    delta_BKGT = _pad_axis(delta_BTN.reshape(B, T, K, N // K).transpose(0, 2, 3, 1), 3, T_pad)
+    delta_BKGT = _pad_axis(delta_BTN.reshape(B, T, K, G).transpose(0, 2, 3, 1), 3, T_pad)
 
+    # Each tile is computed transposed, keys x queries: XLA:CPU's batched matmul wants its lhs contracted
+    # on the minor axis, so dV = P^T dO and dK = dS^T Q in the [query, key] orientation made it write
+    # transposed copies of P and dS (two strided passes over every tile, 9% of the backward at T=2,048);
+    # this way only k is transposed, once, and dQ comes out as dQ^T = K^T dS^T.
     def step(carry, pair):
-        dq_BKGTH, dk_BKSH, dv_BKSH = carry
+        dqT_BKHGT, dk_BKSH, dv_BKSH = carry
         qi, kj = pair
         q0, k0 = qi * spec.block_q, kj * spec.block_k
         q_BKGQH, do_BKGQH, lse_BKGQ, delta_BKGQ = (_row_block(spec, x, qi) for x in (q_BKGTH, do_BKGTH, lse_BKGT, delta_BKGT))
         k_BKCH, v_BKCH = _key_block(spec, k_BKSH, kj), _key_block(spec, v_BKSH, kj)
-        mask_B11QC = _tile_mask(spec, qi, kj, seg_q_BT, seg_k_BS)
-        s_BKGQC = _tile_scores(spec, q_BKGQH, k_BKCH, mask_B11QC)
-        p_BKGQC = jnp.exp(s_BKGQC - lse_BKGQ[..., None])  # the forward's probabilities, recomputed
+        kT_BKHC = jax.lax.dynamic_slice_in_dim(kT_BKHS, k0, spec.block_k, axis=3)
+        mask_B1C1Q = _tile_mask(spec, qi, kj, seg_q_BT, seg_k_BS)[:, :, 0].swapaxes(-1, -2)[:, :, :, None, :]
+        sT_BKCGQ = jnp.einsum("bkch,bkgqh->bkcgq", k_BKCH, q_BKGQH, preferred_element_type=jnp.float32) * spec.scale
+        sT_BKCGQ = jnp.where(mask_B1C1Q, sT_BKCGQ, MASK_VALUE)
+        pT_BKCGQ = jnp.exp(sT_BKCGQ - lse_BKGQ[:, :, None])  # the forward's probabilities, recomputed
         # Contracting over (g, q) sums the G query heads that share a KV head: GQA's gradient reduction.
-        dv_BKCH = jnp.einsum("bkgqc,bkgqh->bkch", p_BKGQC.astype(do_BKGQH.dtype), do_BKGQH, preferred_element_type=jnp.float32)
-        dp_BKGQC = jnp.einsum("bkgqh,bkch->bkgqc", do_BKGQH, v_BKCH, preferred_element_type=jnp.float32)
+        dv_BKCH = jnp.einsum("bkcgq,bkgqh->bkch", pT_BKCGQ.astype(do_BKGQH.dtype), do_BKGQH, preferred_element_type=jnp.float32)
+        dpT_BKCGQ = jnp.einsum("bkch,bkgqh->bkcgq", v_BKCH, do_BKGQH, preferred_element_type=jnp.float32)
         # Masked scores were replaced by a constant: no gradient reaches them (matters only for rows
         # with no visible key in the tile, whose p is 1 there instead of 0).
-        ds_BKGQC = jnp.where(mask_B11QC, p_BKGQC * (dp_BKGQC - delta_BKGQ[..., None]), 0.0) * spec.scale
-        ds_c = ds_BKGQC.astype(q_BKGQH.dtype)
-        dk_BKCH = jnp.einsum("bkgqc,bkgqh->bkch", ds_c, q_BKGQH, preferred_element_type=jnp.float32)
-        dq_BKGQH = jnp.einsum("bkgqc,bkch->bkgqh", ds_c, k_BKCH, preferred_element_type=jnp.float32)
+        dsT_BKCGQ = jnp.where(mask_B1C1Q, pT_BKCGQ * (dpT_BKCGQ - delta_BKGQ[:, :, None]), 0.0) * spec.scale
+        dsT_c = dsT_BKCGQ.astype(q_BKGQH.dtype)
+        dk_BKCH = jnp.einsum("bkcgq,bkgqh->bkch", dsT_c, q_BKGQH, preferred_element_type=jnp.float32)
+        dqT_BKHGQ = jnp.einsum("bkhc,bkcgq->bkhgq", kT_BKHC, dsT_c, preferred_element_type=jnp.float32)
 
         def accumulate(total, part, start, axis):
             old = jax.lax.dynamic_slice_in_dim(total, start, part.shape[axis], axis=axis)
             return jax.lax.dynamic_update_slice_in_dim(total, old + part, start, axis=axis)
 
-        return (accumulate(dq_BKGTH, dq_BKGQH, q0, 3), accumulate(dk_BKSH, dk_BKCH, k0, 2),
+        return (accumulate(dqT_BKHGT, dqT_BKHGQ, q0, 4), accumulate(dk_BKSH, dk_BKCH, k0, 2),
                 accumulate(dv_BKSH, dv_BKCH, k0, 2)), None
 
-    G = N // K
-    init = (jnp.zeros((B, K, G, T_pad, H), jnp.float32), jnp.zeros((B, K, S_pad, H), jnp.float32),
+    init = (jnp.zeros((B, K, H, G, T_pad), jnp.float32), jnp.zeros((B, K, S_pad, H), jnp.float32),
             jnp.zeros((B, K, S_pad, H), jnp.float32))
     # Key-block major: consecutive steps update the same dk/dv block (FA-2's backward loop order).
     q_blocks_P, k_blocks_P = visible_block_pairs(spec)
     order = np.lexsort((q_blocks_P, k_blocks_P))
-    (dq_BKGTH, dk_BKSH, dv_BKSH), _ = jax.lax.scan(step, init, (q_blocks_P[order], k_blocks_P[order]))
-    dq_BTNH = dq_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T_pad, N, H)[:, :T].astype(q_BTNH.dtype)
+    (dqT_BKHGT, dk_BKSH, dv_BKSH), _ = jax.lax.scan(step, init, (q_blocks_P[order], k_blocks_P[order]))
+    dq_BTNH = dqT_BKHGT.transpose(0, 4, 1, 3, 2).reshape(B, T_pad, N, H)[:, :T].astype(q_BTNH.dtype)
     dk_BSKH = dk_BKSH.transpose(0, 2, 1, 3)[:, : spec.kv_len].astype(k_BSKH.dtype)
     dv_BSKH = dv_BKSH.transpose(0, 2, 1, 3)[:, : spec.kv_len].astype(v_BSKH.dtype)
     return dq_BTNH, dk_BSKH, dv_BSKH, None
@@ -253,7 +260,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, segment_ids_BT: jax.Array | None = None,
                         causal: bool = True, scale: float | None = None, local_window: int | None = None,
-                        block_q: int = 128, block_k: int = 128) -> jax.Array:
+                        block_q: int | None = None, block_k: int = 128) -> jax.Array:
     """softmax(scale * q k^T + mask) v, [B, T, N, H] in q's dtype; memory O(T), not O(T^2).
 
     Query i sees key j when (not causal or j <= i), (local_window is None or i - j < local_window) and,
@@ -261,9 +268,11 @@ def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     1/sqrt(H). K must divide N (query head n reads KV head n // (N / K)). Matches
     `jax.nn.dot_product_attention(..., is_causal=causal, local_window_size=(local_window - 1, 0))` with
     the segment mask; a query with no visible key gets a finite (meaningless) output, where jax's
-    gives the mean of the values. Blocks larger than the sequence are shrunk to it. 128 x 128 tiles were
-    the fastest of 64 / 128 / 256 on XLA:CPU at T 256-2048 (N=6, H=64): smaller ones skip more of the
-    causal triangle but run more, smaller matmuls.
+    gives the mean of the values. Blocks larger than the sequence are shrunk to it. `block_q` None is 256
+    from T = 512 on and 128 below: on XLA:CPU (B*T = 4,096, N=6, H=64, forward and backward) 256 x 128
+    tiles beat 128 x 128 by 10% at T=512 and 30% at 2,048, since a tile's matmuls run at ~70 GFLOP/s
+    with 128 rows and ~110-150 with 256; at T=256 the single 256-row block computes a third more of the
+    causal square and is no faster.
     """
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
@@ -275,5 +284,5 @@ def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     if local_window is not None and (not causal or local_window < 1):
         raise ValueError(f"blockwise_attention: local_window needs causal=True and a window >= 1, got {local_window}")
     spec = _Spec(causal=causal, scale=1.0 / math.sqrt(H) if scale is None else float(scale), local_window=local_window,
-                 block_q=min(block_q, T), block_k=min(block_k, S), q_len=T, kv_len=S)
+                 block_q=min(block_q or (256 if T >= 512 else 128), T), block_k=min(block_k, S), q_len=T, kv_len=S)
     return _attention(spec, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
