@@ -47,7 +47,7 @@ def set_cpu_xla_defaults() -> None:
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
-def restart_with_hugepage_malloc(argv: list[str]) -> None:
+def restart_with_hugepage_malloc(argv: list[str], program: list[str] | None = None) -> None:
     """Re-executes this command (same PID) with glibc's malloc asking for transparent huge pages.
 
     XLA:CPU allocates an executable's temporaries afresh on every run, and glibc hands blocks that
@@ -55,6 +55,8 @@ def restart_with_hugepage_malloc(argv: list[str]) -> None:
     ~144k page faults, ~0.6 GB zeroed by the kernel, about 5% of the step). With huge pages, ~1k.
     The tunable is read when a process starts, hence the restart, before anything is imported.
     Linux only; LMJAX_HUGEPAGE_MALLOC=off, or a GLIBC_TUNABLES that already sets it, skips it.
+    `program` is what the interpreter runs, before `argv`: this module by default, or a script's path
+    (a tool that must measure the step as `lmjax bench` runs it).
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables
@@ -63,7 +65,7 @@ def restart_with_hugepage_malloc(argv: list[str]) -> None:
     env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, HUGEPAGE_TUNABLE))))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "lmjax.cli", *argv], env)
+    os.execve(sys.executable, [sys.executable, *(program or ["-m", "lmjax.cli"]), *argv], env)
 
 
 def _enable_compilation_cache() -> None:

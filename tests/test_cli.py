@@ -223,6 +223,9 @@ def test_the_command_restarts_once_with_hugepage_malloc(monkeypatch):
                 m.setenv(key, value)
             cli.restart_with_hugepage_malloc(["bench"])
     assert len(calls) == 1  # the restarted process, or a user who opted out, runs as it is
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    cli.restart_with_hugepage_malloc(["c.yaml", "--steps", "3"], program=["/x/profile_step.py"])  # a script restarts as itself
+    assert calls[1][1] == [sys.executable, "/x/profile_step.py", "c.yaml", "--steps", "3"]
 
 
 def test_the_restarted_command_keeps_its_arguments_and_exit_status(tmp_path):

@@ -3,7 +3,7 @@
     .venv/bin/python experiments/bench/profile_step.py CONFIG [key=value ...] [--steps 3] [--top 25] [--out F.json]
 
 The step is built, compiled and fed as in `lmjax bench` (lmjax.bench.prepare / compile_step, the CLI's
-XLA defaults); after 2 warm-up steps jax.profiler traces `--steps` steps. On XLA:CPU the trace holds one
+XLA defaults and huge-page malloc); after 2 warm-up steps jax.profiler traces `--steps` steps. On XLA:CPU the trace holds one
 event per executed thunk on the XLA worker threads, named by its HLO instruction (args.hlo_op) and
 tagged with the step's run_id; a while thunk's event encloses some of its body's, so each op counts its
 self time. Categories come from the optimized HLO: a fusion whose body has a dot is a matmul fusion.
@@ -26,8 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmjax.cli import _load, parse_with_overrides, set_cpu_xla_defaults
+from lmjax.cli import _load, parse_with_overrides, restart_with_hugepage_malloc, set_cpu_xla_defaults
 
+if __name__ == "__main__":
+    # As the `lmjax` command does: without huge pages every step faults its temporaries in again, and
+    # the profile would charge that to the copies and broadcasts that first touch them.
+    restart_with_hugepage_malloc(sys.argv[1:], program=[os.path.abspath(__file__)])
 set_cpu_xla_defaults()  # before jax starts: the same matmul backend as `lmjax bench`
 
 import jax  # noqa: E402
