@@ -74,6 +74,21 @@ def test_values_and_gradients_equal_jax_dot_product_attention(name):
         np.testing.assert_allclose(g, g_want, atol=2e-5, rtol=1e-5, err_msg=f"d{name_}")
 
 
+def test_default_blocks_at_a_long_ragged_length_equal_jax_dot_product_attention():
+    # The blocks the models use (block_q None: 256 rows from T = 512 on, 128-key blocks), at a length that is a
+    # multiple of neither (both padded), with GQA and packed rows.
+    length, kv_heads = 600, 1
+    keys = jax.random.split(jax.random.key(2), 4)
+    q, w = (jax.random.normal(key, (B, length, N, H)) for key in keys[::3])
+    k, v = (jax.random.normal(key, (B, length, kv_heads, H)) for key in keys[1:3])
+    seg = segments("packed", length)
+    want, want_grads = values_and_grads(lambda q, k, v: reference(q, k, v, seg, True, None, None), q, k, v, w)
+    got, got_grads = values_and_grads(lambda q, k, v: blockwise_attention(q, k, v, segment_ids_BT=jnp.asarray(seg)), q, k, v, w)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    for name_, g, g_want in zip("qkv", got_grads, want_grads):
+        np.testing.assert_allclose(g, g_want, atol=2e-5, rtol=1e-5, err_msg=f"d{name_}")
+
+
 @pytest.mark.parametrize("causal,window,block_q,block_k", [(True, None, 8, 8), (True, None, 8, 16), (True, 5, 8, 8),
                                                            (True, 20, 16, 8), (False, None, 8, 16)])
 def test_visited_tiles_are_exactly_those_with_a_visible_entry(causal, window, block_q, block_k):
