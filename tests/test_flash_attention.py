@@ -55,18 +55,17 @@ CASES = {  # name: (causal, segment kind, kv heads, window, scale, block_q, bloc
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_values_and_gradients_equal_jax_dot_product_attention(name):
-    causal, seg_kind, kv_heads, window, scale, block_q, block_k = CASES[name]
-    keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (B, T, N, H))
-    k, v = (jax.random.normal(key, (B, T, kv_heads, H)) for key in keys[1:3])
-    w = jax.random.normal(keys[3], (B, T, N, H))
-    seg = segments(seg_kind)
+def assert_equals_reference(causal, seg_kind, kv_heads, window, scale, length=T, seed=0, **blocks):
+    """blockwise_attention's values and q/k/v gradients equal jax's on random inputs of `length`."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (B, length, N, H))
+    k, v = (jax.random.normal(key, (B, length, kv_heads, H)) for key in keys[1:3])
+    w = jax.random.normal(keys[3], (B, length, N, H))
+    seg = segments(seg_kind, length)
     want, want_grads = values_and_grads(lambda q, k, v: reference(q, k, v, seg, causal, scale, window), q, k, v, w)
     got, got_grads = values_and_grads(
         (lambda q, k, v: blockwise_attention(q, k, v, segment_ids_BT=None if seg is None else jnp.asarray(seg), causal=causal,
-                                                    scale=scale, local_window=window, block_q=block_q, block_k=block_k)), q, k, v, w)
+                                                    scale=scale, local_window=window, **blocks)), q, k, v, w)
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     for name_, g, g_want in zip("qkv", got_grads, want_grads):
@@ -74,19 +73,16 @@ def test_values_and_gradients_equal_jax_dot_product_attention(name):
         np.testing.assert_allclose(g, g_want, atol=2e-5, rtol=1e-5, err_msg=f"d{name_}")
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_values_and_gradients_equal_jax_dot_product_attention(name):
+    causal, seg_kind, kv_heads, window, scale, block_q, block_k = CASES[name]
+    assert_equals_reference(causal, seg_kind, kv_heads, window, scale, block_q=block_q, block_k=block_k)
+
+
 def test_default_blocks_at_a_long_ragged_length_equal_jax_dot_product_attention():
     # The blocks the models use (block_q None: 256 rows from T = 512 on, 128-key blocks), at a length that is a
     # multiple of neither (both padded), with GQA and packed rows.
-    length, kv_heads = 600, 1
-    keys = jax.random.split(jax.random.key(2), 4)
-    q, w = (jax.random.normal(key, (B, length, N, H)) for key in keys[::3])
-    k, v = (jax.random.normal(key, (B, length, kv_heads, H)) for key in keys[1:3])
-    seg = segments("packed", length)
-    want, want_grads = values_and_grads(lambda q, k, v: reference(q, k, v, seg, True, None, None), q, k, v, w)
-    got, got_grads = values_and_grads(lambda q, k, v: blockwise_attention(q, k, v, segment_ids_BT=jnp.asarray(seg)), q, k, v, w)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-    for name_, g, g_want in zip("qkv", got_grads, want_grads):
-        np.testing.assert_allclose(g, g_want, atol=2e-5, rtol=1e-5, err_msg=f"d{name_}")
+    assert_equals_reference(True, "packed", 1, None, None, length=600, seed=2)
 
 
 @pytest.mark.parametrize("causal,window,block_q,block_k", [(True, None, 8, 8), (True, None, 8, 16), (True, 5, 8, 8),

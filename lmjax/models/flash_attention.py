@@ -126,7 +126,7 @@ def _key_block(spec: _Spec, x_BKS_, kj) -> jax.Array:
 
 
 def _tile_mask(spec: _Spec, qi, kj, seg_q_BT, seg_k_BS) -> jax.Array:
-    """bool [B or 1, 1, 1, block_q, block_k]: the visible entries of tile (qi, kj)."""
+    """bool [B or 1, block_q, block_k]: the visible entries of tile (qi, kj)."""
     q_pos_Q1 = qi * spec.block_q + jnp.arange(spec.block_q)[:, None]
     k_pos_1C = kj * spec.block_k + jnp.arange(spec.block_k)[None, :]
     mask_QC = k_pos_1C < spec.kv_len
@@ -139,13 +139,13 @@ def _tile_mask(spec: _Spec, qi, kj, seg_q_BT, seg_k_BS) -> jax.Array:
         seg_q_BQ = jax.lax.dynamic_slice_in_dim(seg_q_BT, qi * spec.block_q, spec.block_q, axis=1)
         seg_k_BC = jax.lax.dynamic_slice_in_dim(seg_k_BS, kj * spec.block_k, spec.block_k, axis=1)
         mask_BQC = mask_BQC & (seg_q_BQ[:, :, None] == seg_k_BC[:, None, :])
-    return mask_BQC[:, None, None]
+    return mask_BQC
 
 
-def _tile_scores(spec: _Spec, q_BKGQH, k_BKCH, mask_B11QC) -> jax.Array:
+def _tile_scores(spec: _Spec, q_BKGQH, k_BKCH, mask_BQC) -> jax.Array:
     """float32 masked, scaled scores [B, K, G, block_q, block_k] of one tile."""
     s_BKGQC = jnp.einsum("bkgqh,bkch->bkgqc", q_BKGQH, k_BKCH, preferred_element_type=jnp.float32) * spec.scale
-    return jnp.where(mask_B11QC, s_BKGQC, MASK_VALUE)
+    return jnp.where(mask_BQC[:, None, None], s_BKGQC, MASK_VALUE)
 
 
 def _forward(spec: _Spec, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
@@ -222,7 +222,7 @@ def _attention_bwd(spec: _Spec, residuals, dout_BTNH):
         q_BKGQH, do_BKGQH, lse_BKGQ, delta_BKGQ = (_row_block(spec, x, qi) for x in (q_BKGTH, do_BKGTH, lse_BKGT, delta_BKGT))
         k_BKCH, v_BKCH = _key_block(spec, k_BKSH, kj), _key_block(spec, v_BKSH, kj)
         kT_BKHC = jax.lax.dynamic_slice_in_dim(kT_BKHS, k0, spec.block_k, axis=3)
-        mask_B1C1Q = _tile_mask(spec, qi, kj, seg_q_BT, seg_k_BS)[:, :, 0].swapaxes(-1, -2)[:, :, :, None, :]
+        mask_B1C1Q = _tile_mask(spec, qi, kj, seg_q_BT, seg_k_BS).swapaxes(-1, -2)[:, None, :, None, :]
         sT_BKCGQ = jnp.einsum("bkch,bkgqh->bkcgq", k_BKCH, q_BKGQH, preferred_element_type=jnp.float32) * spec.scale
         sT_BKCGQ = jnp.where(mask_B1C1Q, sT_BKCGQ, MASK_VALUE)
         pT_BKCGQ = jnp.exp(sT_BKCGQ - lse_BKGQ[:, :, None])  # the forward's probabilities, recomputed
