@@ -26,7 +26,7 @@ import lmjax
 from lmjax import flops, sharding
 from lmjax.config import Config, to_dict
 from lmjax.errors import UserError
-from lmjax.train.step import ModelSetup
+from lmjax.train.step import ModelSetup, compile_train_step
 
 
 def _peak_memory() -> tuple[int, str]:
@@ -49,12 +49,11 @@ def prepare(cfg: Config, n_batches: int) -> tuple[ModelSetup, Any, list[dict[str
 
 
 def compile_step(setup: ModelSetup, seed: int, batch: dict[str, jax.Array]) -> tuple[Any, Any, float]:
-    """Inside `sharding.activate`: the initial train state, the train step `lmjax train` runs
-    compiled ahead of time for `batch`'s shapes, and the compile seconds."""
+    """Inside `sharding.activate`: the initial train state, the train step compiled ahead of time
+    for `batch`'s shapes as `lmjax train` compiles it (`compile_train_step`), and the compile seconds."""
     state = setup.factory.create(seed)
-    step_fn = setup.train_step()
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = compile_train_step(setup.train_step(), state, batch)
     return state, compiled, time.perf_counter() - t0
 
 

@@ -32,13 +32,14 @@ from lmjax.config import Config, ConfigError, build, config_yaml, flatten_dotted
 from lmjax.errors import CheckpointError, NonFiniteLossError
 from lmjax.evaluate import eval_constants, evaluate
 from lmjax.fileio import read_completed_summary, write_json_atomic, write_text_atomic
+from lmjax.host_memory import release_free_heap
 from lmjax.tasks import Task
 from lmjax.train.checkpoint import Checkpointer
 from lmjax.train.init_from import load_source_params
 from lmjax.train.metrics import MetricsLogger
 from lmjax.train.optim import make_schedule
 from lmjax.train.run_lock import RunLock
-from lmjax.train.step import ModelSetup, make_stop_flags, make_stop_vote
+from lmjax.train.step import ModelSetup, compile_train_step, make_stop_flags, make_stop_vote
 
 # Keys a resumed run may change. Logging and bookkeeping; where it runs (the mesh, micro-batches:
 # the global batch and its order are the same on any of them, so the loss curve continues to
@@ -138,7 +139,8 @@ class Trainer:
         self.model_flops_per_token = flops.model_flops_per_token(cfg.model, *lengths, task.forward_passes())  # matmul FLOPs: TFLOP/s, MFU
         self.peak, self.peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype, quick=True)
         self.schedule = make_schedule(cfg)
-        self.train_step, self.eval_step = self.setup.train_step(), self.setup.eval_step()  # compiled at first call
+        self.train_step = self.setup.train_step()  # compiled ahead of time for the first batch (`_train_steps`)
+        self.eval_step = self.setup.eval_step()  # compiled at first call
         self.stop_vote = make_stop_vote(self.setup.mesh)
         # Bookkeeping of the loop (set by run()).
         self.checkpointer = self.state = self.data = self.train_iter = self.eval_batches = self.eval_constants = self.logger = None
@@ -260,6 +262,8 @@ class Trainer:
         with _StopSignal() as stop, sharding.activate(self.setup.mesh, self.setup.rules):
             while step < self.steps:
                 batch = self.setup.global_batch(next(self.train_iter))
+                if not isinstance(self.train_step, jax.stages.Compiled):
+                    self.train_step = compile_train_step(self.train_step, self.state, batch)
                 self.state, metrics = self.train_step(self.state, batch)
                 flags = no_signal if stop.signum is None else make_stop_flags(self.setup.mesh, stop.signum)
                 metrics["stop_signal"] = self.stop_vote(flags)
@@ -338,6 +342,7 @@ class Trainer:
         if step == self.steps and self.cfg.train.final_eval_tokens:
             batches = self._final_eval_batches()
         metrics = evaluate(self.eval_step, self.setup.task, self.state.params, self.state.frozen, batches, self.eval_constants)
+        release_free_heap()  # the eval step's compile (the first eval) leaves memory as the train step's does
         self.last_eval = {"step": step, **metrics}
         self.logger.log(self.last_eval)
 

