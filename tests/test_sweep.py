@@ -384,3 +384,14 @@ def test_sweep_over_encoder_sizes_plans_counts_runs_and_fits(tmp_path, tiny_swee
     fit = json.loads((tmp_path / "sweep" / "fit.json").read_text())
     assert fit["n_runs"] == 6
     assert "skipped" not in fit["approach3"]
+
+
+@pytest.mark.parametrize("path", sorted((DENSE_TINY.parent / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_committed_sweeps_plan_within_their_budgets(path):
+    """Every sweep in configs/sweeps/ plans as committed: every budget gets runs, and each run's
+    counted FLOPs are its budget within the schedule's tolerance."""
+    sweep, base_dir = planlib.load_sweep(path)
+    plan = planlib.plan_sweep(sweep, base_dir)
+    assert {run.budget for run in plan.runs} == set(sweep.budgets)
+    for run in plan.runs:
+        assert abs(run.flops / run.budget - 1) <= sweep.schedule.flops_tolerance, run.name
