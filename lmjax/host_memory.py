@@ -33,8 +33,8 @@ def _malloc_trim():
 
 def release_free_heap() -> bool:
     """Returns the free pages of every glibc malloc arena to the OS (`malloc_trim(0)`); what is
-    still allocated is untouched. False where there is no glibc (nothing done). Costs
-    milliseconds: call it after a compile, not every step."""
+    still allocated is untouched. False where there is no glibc (nothing done). It walks every
+    arena, cheap next to a compile: call it after one, not every step."""
     trim = _malloc_trim()
     if trim is None:
         return False
