@@ -139,7 +139,7 @@ class Trainer:
         self.model_flops_per_token = flops.model_flops_per_token(cfg.model, *lengths, task.forward_passes())  # matmul FLOPs: TFLOP/s, MFU
         self.peak, self.peak_source = flops.peak_flops_per_device(jax.devices()[0], cfg.model.dtype, quick=True)
         self.schedule = make_schedule(cfg)
-        self.train_step = self.setup.train_step()  # compiled ahead of time for the first batch (`_train_steps`)
+        self.train_step = self.setup.train_step()  # compiled ahead of time at the first batch (`_train_steps`)
         self.eval_step = self.setup.eval_step()  # compiled at first call
         self.stop_vote = make_stop_vote(self.setup.mesh)
         # Bookkeeping of the loop (set by run()).
@@ -259,12 +259,13 @@ class Trainer:
         every = self.cfg.train
         pending = None  # (step, metrics) not yet pulled to the host
         no_signal = make_stop_flags(self.setup.mesh, None)  # built once: no host-to-device copy per step
+        compiled_step = None  # `self.train_step` compiled for the first batch's shapes, which every batch has
         with _StopSignal() as stop, sharding.activate(self.setup.mesh, self.setup.rules):
             while step < self.steps:
                 batch = self.setup.global_batch(next(self.train_iter))
-                if not isinstance(self.train_step, jax.stages.Compiled):
-                    self.train_step = compile_train_step(self.train_step, self.state, batch)
-                self.state, metrics = self.train_step(self.state, batch)
+                if compiled_step is None:
+                    compiled_step = compile_train_step(self.train_step, self.state, batch)
+                self.state, metrics = compiled_step(self.state, batch)
                 flags = no_signal if stop.signum is None else make_stop_flags(self.setup.mesh, stop.signum)
                 metrics["stop_signal"] = self.stop_vote(flags)
                 step += 1
