@@ -40,7 +40,7 @@ EXIT_PEER_LOST = 3  # distinct from a user error (2) and a crash (1): a schedule
 _JAX_HEARTBEAT_MARGIN_S = 60  # jax's own verdict comes this long after ours
 _HEARTBEAT_KEY, _FAILED_KEY = "lmjax/heartbeat/", "lmjax/failed/"
 _EXIT_BARRIER_MS = 10 * 60 * 1000  # processes finish the same step; the slowest writes its last shards
-_FAREWELL_GRACE_S = 15.0  # after the exit barrier, time for every process to disconnect
+_FAREWELL_GRACE_S = 15.0  # after every process has disconnected: replies still in flight
 _FIRST_BARRIER_MS = 24 * 3600 * 1000  # tokenizing a large corpus takes hours; a failure ends it sooner
 
 _initialized = False
@@ -188,13 +188,25 @@ def process_zero_first(what: str):
 
 
 def finalize() -> None:
-    """At a normal end (finished, or stopped by an agreed signal): waits for every process, then
-    lets the coordination service go."""
+    """At a normal end (finished, or stopped by an agreed signal): waits for every process,
+    disconnects from the coordination service together with them, then lets the service go.
+
+    The service must outlive every process's connection: a process whose service vanishes while it
+    is still connected aborts (SIGABRT, a C++ stack dump) instead of exiting normally, as one slow to
+    exit on a busy machine did when the service ended a fixed grace after process 0's end. jax's
+    shutdown barrier does not wait for recoverable tasks (ours are), so process 0 waits itself:
+    the coordination service's GetAliveTasks returns once every other process is gone
+    (disconnected, or dead and found so by the service's heartbeat)."""
     if not (_initialized and jax.process_count() > 1):
         return
     from jax._src.distributed import global_state
 
     global_state.client.wait_at_barrier("lmjax/exit", _EXIT_BARRIER_MS)
+    if _watchdog is not None:
+        _watchdog.stop()  # it uses the client, which is about to go
+    if jax.process_index() == 0:
+        global_state.client.get_live_nodes(list(range(jax.process_count())))  # blocks until only 0 is left
+    global_state.shutdown()  # disconnect now, not at interpreter exit
     _say_farewell()
 
 
@@ -250,13 +262,19 @@ class _PeerWatchdog(threading.Thread):
         self.me, self.n = jax.process_index(), jax.process_count()
         self.interval_s = min(5.0, timeout_s / 10)
         self.failing = False
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """At a normal end: no more heartbeats (the others stop watching at the same barrier)."""
+        self._stopped.set()
+        self.join(timeout=2 * self.interval_s)
 
     def run(self) -> None:
         beat, now = 0, time.monotonic()
         last_change = {p: now for p in range(self.n) if p != self.me}
         last_value: dict[int, str] = {}
         coordinator_ok = now
-        while True:
+        while not self._stopped.is_set():
             beat += 1
             now = time.monotonic()
             try:
@@ -267,7 +285,7 @@ class _PeerWatchdog(threading.Thread):
             except Exception:  # the coordination service lives beside process 0, on its host
                 if now - coordinator_ok > self.timeout_s:
                     self._lost(0, f"the coordinator at {self.coordinator} no longer answers")
-                time.sleep(self.interval_s)
+                self._stopped.wait(self.interval_s)
                 continue
             for key, message in failed:
                 process = int(key.rsplit("/", 1)[-1])
@@ -281,7 +299,7 @@ class _PeerWatchdog(threading.Thread):
             silent = [p for p, t in last_change.items() if now - t > self.timeout_s]
             if silent:
                 self._lost(silent[0], "no heartbeat")
-            time.sleep(self.interval_s)
+            self._stopped.wait(self.interval_s)
 
     def _lost(self, process: int, why: str) -> None:
         # os._exit: the main thread may be blocked in a collective that will never complete, and a

@@ -36,16 +36,22 @@ def read_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
-def start_processes(args: list[str], log_dir: Path, n: int = 2) -> list[subprocess.Popen]:
-    """`lmjax ARGS` as n processes of one run (the launcher's environments), logs in log_dir."""
+def start_processes(args: list[str], log_dir: Path, n: int = 2, main: tuple[str, ...] = ("-m", "lmjax.cli")) -> list[subprocess.Popen]:
+    """`lmjax ARGS` (`python MAIN ARGS`) as n processes of one run (the launcher's environments),
+    logs in log_dir."""
     log_dir.mkdir(parents=True, exist_ok=True)
     envs = launch_local.process_environments(n, 8 // n, "cpu", launch_local._free_port())
     processes = []
     for i, env in enumerate(envs):
         with open(log_dir / f"process_{i}.log", "w") as log:
-            processes.append(subprocess.Popen([sys.executable, "-m", "lmjax.cli", *args], env={**os.environ, **env},
+            processes.append(subprocess.Popen([sys.executable, *main, *args], env={**os.environ, **env},
                                               stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
     return processes
+
+
+def log_tails(log_dir: Path, chars: int = 1500) -> str:
+    """The end of every process's log: what a failed assertion on exit codes shows."""
+    return "\n".join(f"--- {path.name}\n{path.read_text()[-chars:]}" for path in sorted(log_dir.glob("process_*.log")))
 
 
 def wait_all(processes: list[subprocess.Popen], timeout: float = 240) -> list[int]:
@@ -142,18 +148,45 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path
     for pid in coordinators:
         os.kill(pid, signal.SIGTERM)
     processes[1].send_signal(signal.SIGTERM)
-    assert wait_all(processes) == [143, 143]
+    assert wait_all(processes) == [143, 143], log_tails(tmp_path / "logs")
     stops = [last_line(tmp_path / "logs" / f"process_{i}.log") for i in range(2)]
     assert stops[0] == stops[1] and stops[0].startswith("stopped by SIGTERM at step "), stops
     stopped_at = int(stops[0].split("at step ")[1].split(";")[0])
     assert stopped_at < 40 and (tmp_path / "two" / "checkpoints" / str(stopped_at)).is_dir()
 
-    assert wait_all(start_processes(args, tmp_path / "logs_resumed")) == [0, 0]
+    assert wait_all(start_processes(args, tmp_path / "logs_resumed")) == [0, 0], log_tails(tmp_path / "logs_resumed")
     train(load_config(None, overrides + [f"run_dir={tmp_path / 'one'}"]))
     one, two = read_losses(tmp_path / "one"), read_losses(tmp_path / "two")
     assert sorted(two) == sorted(one) == list(range(1, 41))
     for step in one:
         np.testing.assert_allclose(two[step], one[step], rtol=1e-5, err_msg=f"step {step}")
+
+
+# `lmjax` whose process 1 disconnects from the coordination service (jax's distributed shutdown)
+# only after a pause longer than the service's grace after process 0's farewell: a busy machine.
+_SLOW_TO_DISCONNECT = """
+import os, sys, time
+from jax._src.distributed import global_state
+from lmjax import distributed
+from lmjax.cli import main
+disconnect = global_state.shutdown
+def slow_disconnect():
+    if global_state.client is not None and os.environ["LMJAX_PROCESS_ID"] == "1":
+        time.sleep(distributed._FAREWELL_GRACE_S + 10)
+    disconnect()
+global_state.shutdown = slow_disconnect
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # a minute of two processes and 25 s of waiting
+def test_a_process_slow_to_disconnect_at_the_end_exits_normally(tmp_path, tiny_overrides):
+    """The coordination service outlives every process's connection: a process that disconnects
+    late is not aborted (SIGABRT, a C++ stack dump) by the service ending under it."""
+    args = ["train", "configs/dense_tiny.yaml", f"run_dir={tmp_path / 'run'}", *tiny_overrides, "mesh.data=2", "mesh.fsdp=4"]
+    processes = start_processes(args, tmp_path / "logs", main=("-c", _SLOW_TO_DISCONNECT))
+    assert wait_all(processes) == [0, 0], log_tails(tmp_path / "logs")
+    assert sorted(read_losses(tmp_path / "run")) == list(range(1, 7))
 
 
 @pytest.mark.slow
