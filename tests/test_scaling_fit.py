@@ -115,6 +115,31 @@ def test_isoflop_uses_run_flops_and_flags_edge_minima():
     assert "outside" in outside.warning
 
 
+def test_isoflop_minima_law_recovers_a_known_frontier_and_predicts_a_new_budget():
+    """Each budget's profile is an exact parabola in log N whose minimum loss is 7 C^-0.05 (chosen
+    here, not a Chinchilla law): the parabolas' minima and the power law through them come back
+    exactly, and so does the loss at a budget outside the fit."""
+    a_min, gamma = 7.0, 0.05
+    runs = []
+    for budget in BUDGETS:
+        log_n_opt = math.log(1e6) + 0.5 * math.log(budget / 1e18)  # off the grids' centres
+        for n in np.geomspace(2e5, 2e8, 5) * math.sqrt(budget / 1e18):
+            loss = a_min * budget**-gamma + 0.08 * (math.log(n) - log_n_opt) ** 2
+            runs.append(RunRecord("r", n, budget / (6 * n), loss, budget=budget))
+    result = fitlib.fit_scaling_laws(runs, bootstrap=50)
+    for budget in result.approach2.budgets:
+        assert budget.loss_min == pytest.approx(a_min * budget.C**-gamma, rel=1e-9)
+    law = result.to_json()["isoflop"]["minima_law"]
+    assert law["compute"] == "counted"
+    assert law["A"]["value"] == pytest.approx(a_min, rel=1e-6)
+    assert law["gamma"]["value"] == pytest.approx(gamma, rel=1e-6)
+    held_out = result.minima_loss(1e22)
+    assert held_out["value"] == pytest.approx(a_min * 1e22**-gamma, rel=1e-6)
+    # Exact data: every resample with a minimum at >= 2 budgets gives the same law.
+    assert held_out["ci_low"] == pytest.approx(held_out["value"], rel=1e-6)
+    assert held_out["ci_high"] == pytest.approx(held_out["value"], rel=1e-6)
+
+
 def test_bootstrap_is_deterministic_and_covers_truth():
     fit = fitlib.fit_approach2(isoflop_runs())
     first = fitlib.bootstrap_approach2(fit, 100, np.random.default_rng(3))
@@ -122,6 +147,11 @@ def test_bootstrap_is_deterministic_and_covers_truth():
     np.testing.assert_array_equal(first["a"], again["a"])
     low, high = np.nanpercentile(first["a"], [2.5, 97.5])
     assert low < A_TRUE < high and high - low < 0.1
+    np.testing.assert_array_equal(first["minima_gamma"], again["minima_gamma"])
+    # The law's loss at the largest budget, from each resample, brackets the full-data fit's.
+    log_c = math.log(max(BUDGETS))
+    low, high = np.nanpercentile(np.exp(first["minima_log_a"] - first["minima_gamma"] * log_c), [2.5, 97.5])
+    assert low < fit.minima_loss(max(BUDGETS)) < high
 
 
 def test_bootstrap_survives_degenerate_resamples():
@@ -279,8 +309,10 @@ def test_run_fit_writes_contracted_files(tmp_path):
     assert fit["param_convention"] == "total" and fit["n_runs"] == 28 and fit["compute_convention"] == "6ND"
     assert set(fit["approach3"]) == {"E", "A", "B", "alpha", "beta", "a", "b", "tokens_per_param"}
     assert all(set(v) == estimate for v in fit["approach3"].values())
-    assert set(fit["isoflop"]) == {"budgets", "a", "b", "a_counted", "b_counted"}
+    assert set(fit["isoflop"]) == {"budgets", "a", "b", "a_counted", "b_counted", "minima_law"}
     assert all(set(fit["isoflop"][key]) == estimate for key in ("a", "b", "a_counted", "b_counted"))
+    minima_law = fit["isoflop"]["minima_law"]
+    assert minima_law["compute"] == "counted" and set(minima_law["A"]) == set(minima_law["gamma"]) == estimate
     assert [b["C"] for b in fit["isoflop"]["budgets"]] == list(BUDGETS)
     for budget in fit["isoflop"]["budgets"]:
         assert set(budget) == {"C", "C_6ND", "N_opt", "D_opt", "loss_min", "n_runs", "warning"}

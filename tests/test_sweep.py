@@ -341,6 +341,15 @@ def test_holdout_prediction_recovers_the_largest_budget(tmp_path):
         law.loss(summary["params_total"], summary["tokens"]), rel=1e-12)
     assert prediction["relative_error"] == pytest.approx(
         (loss_opt - summary["final_eval_loss"]) / summary["final_eval_loss"], rel=1e-6, abs=1e-9)
+    # The IsoFLOP minima law, again from the files: a line through the smaller budgets' parabola
+    # minima (holdout/fit.json) in log loss against log C, read at the held-out budget.
+    minima = [(b["C"], b["loss_min"]) for b in fit["isoflop"]["budgets"]]
+    slope, intercept = np.polyfit(np.log([c for c, _ in minima]), np.log([m for _, m in minima]), 1)
+    minima_law_loss = math.exp(intercept + slope * math.log(1e18))
+    assert prediction["minima_law_loss"] == pytest.approx(minima_law_loss, rel=1e-9)
+    assert prediction["minima_law_relative_error"] == pytest.approx(
+        (minima_law_loss - summary["final_eval_loss"]) / summary["final_eval_loss"], rel=1e-6, abs=1e-9)
+    assert prediction["minima_law_ci_low"] is None  # no bootstrap here
 
 
 def csv_rows(path: Path):

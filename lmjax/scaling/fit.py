@@ -11,6 +11,11 @@ D_opt(C) = C / (k N_opt) where k is the runs' own FLOPs per (parameter x token),
 log N between the budget's runs (6 when the runs carry no FLOP count), so N_opt D_opt k = C holds
 in the runs' own accounting whatever the parameter convention.
 
+The parabolas' minimum losses, one per budget, are also fitted as a power law in compute, the
+IsoFLOP minima law loss_min(C) = A_min C^-gamma_min (Kaplan et al. 2020's L(C_min)), against the
+budgets as counted: with Approach 3's L(N_opt, D_opt) it is the second way `lmjax sweep` predicts
+a held-out budget's loss, one that assumes no irreducible term (at small scale none shows).
+
 Both approaches state their exponents against the same compute, C = 6ND (fit.json's
 `compute_convention`): Approach 3's allocation is derived under it, and Approach 2's lines are
 fitted against each budget's 6 N_opt D_opt. Budgets counted by lmjax.flops are k N D with k > 6 and
@@ -225,6 +230,11 @@ class Approach2Fit:
     log_d_intercept: float
     a_counted: float  # against the budgets as counted
     b_counted: float
+    minima_log_a: float  # log loss_min = minima_log_a - minima_gamma log C, C as counted
+    minima_gamma: float
+
+    def minima_loss(self, C):
+        return np.exp(self.minima_log_a - self.minima_gamma * np.log(C))
 
 
 def fit_approach2(runs: list[RunRecord]) -> Approach2Fit | str:
@@ -242,7 +252,9 @@ def fit_approach2(runs: list[RunRecord]) -> Approach2Fit | str:
     log_c6, log_c = np.log([fit.C_6nd for fit in minima]), np.log([fit.C for fit in minima])
     (a, log_n0), (b, log_d0) = np.polyfit(log_c6, log_n, 1), np.polyfit(log_c6, log_d, 1)
     a_counted, b_counted = np.polyfit(log_c, log_n, 1)[0], np.polyfit(log_c, log_d, 1)[0]
-    return Approach2Fit(budgets, float(a), float(b), float(log_n0), float(log_d0), float(a_counted), float(b_counted))
+    slope, log_a_min = np.polyfit(log_c, np.log([fit.loss_min for fit in minima]), 1)
+    return Approach2Fit(budgets, float(a), float(b), float(log_n0), float(log_d0), float(a_counted), float(b_counted),
+                        float(log_a_min), float(-slope))
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -251,13 +263,13 @@ def fit_approach2(runs: list[RunRecord]) -> Approach2Fit | str:
 def bootstrap_approach2(fit: Approach2Fit, n_resamples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Resamples runs within each budget; NaN where a resample has no parabola minimum."""
     n_opt = np.full((n_resamples, len(fit.budgets)), np.nan)
-    d_opt = np.full_like(n_opt, np.nan)
+    d_opt, loss_min = np.full_like(n_opt, np.nan), np.full_like(n_opt, np.nan)
     for j, budget in enumerate(fit.budgets):
         log_n = np.log([r.params for r in budget.runs])
         loss = np.array([r.loss for r in budget.runs])
         for i in range(n_resamples):
             pick = rng.integers(0, len(loss), len(loss))
-            _, x_min, _ = parabola_minimum(log_n[pick], loss[pick])
+            _, x_min, loss_min[i, j] = parabola_minimum(log_n[pick], loss[pick])
             if math.isfinite(x_min):
                 n_opt[i, j] = math.exp(x_min)
                 d_opt[i, j] = budget.C / (flops_per_param_token(budget.runs, n_opt[i, j]) * n_opt[i, j])
@@ -265,13 +277,17 @@ def bootstrap_approach2(fit: Approach2Fit, n_resamples: int, rng: np.random.Gene
     log_c = np.log([budget.C for budget in fit.budgets])
     log_c6 = np.log(6.0 * n_opt * d_opt)  # each resample's optimum in C = 6ND units
     exponents = np.full((n_resamples, 4), np.nan)
+    minima_law = np.full((n_resamples, 2), np.nan)  # (log A_min, gamma_min)
     for i in range(n_resamples):
         usable = in_line_fit & np.isfinite(n_opt[i])
         if usable.sum() >= MIN_BUDGETS:
             log_n, log_d = np.log(n_opt[i, usable]), np.log(d_opt[i, usable])
             exponents[i] = [np.polyfit(x, y, 1)[0] for x in (log_c6[i, usable], log_c[usable]) for y in (log_n, log_d)]
+            slope, minima_law[i, 0] = np.polyfit(log_c[usable], np.log(loss_min[i, usable]), 1)
+            minima_law[i, 1] = -slope
     return {"N_opt": n_opt, "D_opt": d_opt, "a": exponents[:, 0], "b": exponents[:, 1],
-            "a_counted": exponents[:, 2], "b_counted": exponents[:, 3]}
+            "a_counted": exponents[:, 2], "b_counted": exponents[:, 3],
+            "minima_log_a": minima_law[:, 0], "minima_gamma": minima_law[:, 1]}
 
 
 def bootstrap_approach3(fit: Approach3Fit, runs: list[RunRecord], n_resamples: int, largest_budget: float,
@@ -337,8 +353,22 @@ class FitResult:
                     "D_opt": _estimate(budget.D_opt, samples["D_opt"][:, j] if samples else None),
                     "loss_min": budget.loss_min, "n_runs": len(budget.runs), "warning": budget.warning}
                    for j, budget in enumerate(self.approach2.budgets)]
+        minima_law = {"compute": "counted",
+                      "A": _estimate(math.exp(self.approach2.minima_log_a),
+                                     np.exp(samples["minima_log_a"]) if samples else None),
+                      "gamma": _estimate(self.approach2.minima_gamma, samples.get("minima_gamma"))}
         return {"budgets": budgets, **{key: _estimate(getattr(self.approach2, key), samples.get(key))
-                                       for key in ("a", "b", "a_counted", "b_counted")}}
+                                       for key in ("a", "b", "a_counted", "b_counted")},
+                "minima_law": minima_law}
+
+    def minima_loss(self, C: float) -> dict | None:
+        """The IsoFLOP minima law's loss at compute C (as counted) with its bootstrap interval;
+        None without an Approach 2 fit."""
+        if isinstance(self.approach2, str):
+            return None
+        samples = self.approach2_samples
+        return _estimate(float(self.approach2.minima_loss(C)), np.exp(
+            samples["minima_log_a"] - samples["minima_gamma"] * math.log(C)) if samples else None)
 
 
 def _estimate(value: float | None, samples: np.ndarray | None) -> dict:

@@ -24,6 +24,13 @@ def run_fit(source: str | os.PathLike | list, out_dir: str | os.PathLike | None 
     out_dir defaults to the sweep or run directory, or the CSV's folder. `table`: the source's runs
     when the caller has loaded them already (`load_run_table(source, param_convention)`).
     """
+    return fit_and_report(source, out_dir, param_convention, seed, bootstrap, table)[1]
+
+
+def fit_and_report(source: str | os.PathLike | list, out_dir: str | os.PathLike | None = None,
+                   param_convention: str = "total", seed: int = 0, bootstrap: int = 200,
+                   table: RunTable | None = None) -> tuple[FitResult, dict]:
+    """`run_fit`, also returning the fit itself (its bootstrap samples give a prediction's interval)."""
     table = table if table is not None else load_run_table(source, param_convention)
     result = fit_scaling_laws(table.runs, param_convention=param_convention, seed=seed, bootstrap=bootstrap)
     out = Path(out_dir) if out_dir is not None else table.default_out_dir
@@ -32,7 +39,7 @@ def run_fit(source: str | os.PathLike | list, out_dir: str | os.PathLike | None 
     write_json_atomic(out / "fit.json", fit, indent=2)
     write_plots(result, out)
     (out / "report.md").write_text(render_report(result, fit, table, source, bootstrap))
-    return fit
+    return result, fit
 
 
 def format_estimate(estimate: dict | None, digits: int = 3) -> str:
@@ -122,6 +129,9 @@ def render_report(result: FitResult, fit: dict, table: RunTable, source, bootstr
             loss_min = "n/a" if budget["loss_min"] is None else f"{budget['loss_min']:.4f}"
             lines.append(f"| {budget['C']:.3g} | {budget['n_runs']} | {format_estimate(budget['N_opt'])} | "
                          f"{format_estimate(budget['D_opt'])} | {loss_min} | {budget['warning'] or ''} |")
+        law = approach2["minima_law"]
+        lines += ["", f"The minima as a power law in compute (as counted): loss_min = A_min C^-gamma_min with "
+                      f"A_min = {format_estimate(law['A'], 4)}, gamma_min = {format_estimate(law['gamma'])}."]
     lines += ["", "## Where Approach 2 is biased", "",
               "A parabola in log N is only an approximation of the IsoFLOP profile, which is asymmetric "
               "(E + A/N^alpha + B/D^beta at fixed C). Its minimum is pulled toward the side of the grid with "

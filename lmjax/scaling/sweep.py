@@ -197,12 +197,14 @@ def predict_holdout(plan: SweepPlan, table) -> dict[str, Any]:
     """Fits all budgets but the largest of `table` (the sweep's RunTable), predicts the largest's optimal
     loss, compares with its best run (seeds averaged).
 
-    The law's compute-optimal allocation assumes C = 6ND; the held-out budget is converted to that
-    convention with the FLOPs per parameter-token k of its best run (C_6ND = 6 C / k), so the
-    predicted (N, D) spends the budget in the runs' own FLOP count.
+    Two predictions: Approach 3's law at its compute-optimal (N, D) (`predicted_loss`), and the
+    IsoFLOP minima law (`minima_law_loss`, with its bootstrap interval). Approach 3's allocation
+    assumes C = 6ND; the held-out budget is converted to that convention with the FLOPs per
+    parameter-token k of its best run (C_6ND = 6 C / k), so the predicted (N, D) spends the budget
+    in the runs' own FLOP count. The minima law reads the budget as counted.
     """
     from lmjax.scaling.fit import ScalingLaw, predict
-    from lmjax.scaling.report import run_fit
+    from lmjax.scaling.report import fit_and_report
     from lmjax.scaling.runs import FitInputError
 
     sweep = plan.sweep
@@ -215,8 +217,8 @@ def predict_holdout(plan: SweepPlan, table) -> dict[str, Any]:
         raise FitInputError(f"prediction: no completed run at the held-out budget C={format_number(largest)}")
     holdout_dir = plan.sweep_dir / "holdout"
     _write_runs_csv(holdout_dir / "runs.csv", [r for r in table.completed if not is_held(r)])
-    fit = run_fit(holdout_dir / "runs.csv", out_dir=holdout_dir, param_convention=sweep.param_convention,
-                  seed=sweep.fit.seed, bootstrap=sweep.fit.bootstrap)
+    result, fit = fit_and_report(holdout_dir / "runs.csv", out_dir=holdout_dir, param_convention=sweep.param_convention,
+                                 seed=sweep.fit.seed, bootstrap=sweep.fit.bootstrap)
     best = min(held, key=lambda r: r.loss)
     flops_per_param_token = best.flops / (best.params * best.tokens) if best.flops else 6.0
     predicted = predict(fit, largest * 6.0 / flops_per_param_token)
@@ -233,6 +235,7 @@ def predict_holdout(plan: SweepPlan, table) -> dict[str, Any]:
         "measured_D": best.tokens,
         "relative_error": (predicted["loss"] - best.loss) / best.loss,
         "predicted_loss_at_measured_run": float(law.loss(best.params, best.tokens)),
+        **_minima_law_prediction(result.minima_loss(largest), best.loss),
         "param_convention": sweep.param_convention,
         "fit": str(holdout_dir / "fit.json"),
     }
@@ -240,10 +243,24 @@ def predict_holdout(plan: SweepPlan, table) -> dict[str, Any]:
     return prediction
 
 
+def _minima_law_prediction(estimate: dict | None, measured: float) -> dict[str, Any]:
+    """prediction.json's keys for the IsoFLOP minima law (null without an Approach 2 fit)."""
+    value = None if estimate is None else estimate["value"]
+    return {"minima_law_loss": value,
+            "minima_law_ci_low": None if estimate is None else estimate["ci_low"],
+            "minima_law_ci_high": None if estimate is None else estimate["ci_high"],
+            "minima_law_relative_error": None if value is None else (value - measured) / measured}
+
+
 def print_prediction(p: dict[str, Any], sweep_dir: Path) -> None:
     print(f"prediction at the held-out C={format_number(p['C'])} (fit on the smaller budgets): "
           f"loss {p['predicted_loss']:.4f} at N={format_number(p['predicted_N'])}; measured {p['measured_loss']:.4f} "
           f"({p['measured_run']}); relative error {p['relative_error']:+.2%} -> {sweep_dir / 'prediction.json'}")
+    if p["minima_law_loss"] is not None:
+        interval = (f" [{p['minima_law_ci_low']:.4f}, {p['minima_law_ci_high']:.4f}]"
+                    if p["minima_law_ci_low"] is not None else "")
+        print(f"  IsoFLOP minima law: loss {p['minima_law_loss']:.4f}{interval}; "
+              f"relative error {p['minima_law_relative_error']:+.2%}")
 
 
 # ----------------------------------------------------------------------------- the command
