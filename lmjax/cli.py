@@ -33,14 +33,26 @@ def _load(args) -> "Config":  # noqa: F821
     return load_config(_config_path(args.config), args.overrides)
 
 
+def cpu_has_avx512() -> bool:
+    """Whether this machine's CPU has AVX-512 (Linux's /proc/cpuinfo; False where it cannot tell)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
 def set_cpu_xla_defaults() -> None:
-    """XLA:CPU runs the train step ~5-10% faster with its Eigen matmuls than with the YNNPACK
-    fusions (experiments/bench/README.md). Read when the backend starts, so set before first use;
-    an XLA_FLAGS that already mentions the option wins, and LMJAX_XLA_CPU_DEFAULTS=off keeps XLA's own."""
+    """XLA:CPU's matmul backend for the train step, by CPU (experiments/bench/README.md, measured
+    with `lmjax bench configs/bench_cpu.yaml`): without AVX-512 (AMD EPYC, AVX2) the step runs ~5-10%
+    faster with Eigen's matmuls than with XLA's default YNNPACK fusions; with it (Intel Xeon,
+    AVX-512 and AMX) YNNPACK is ~10% faster, so XLA's default stays. Read when the backend starts, so
+    set before first use; an XLA_FLAGS that already mentions the option wins, and
+    LMJAX_XLA_CPU_DEFAULTS=off keeps XLA's own."""
     flags = os.environ.get("XLA_FLAGS", "")
     if os.environ.get("LMJAX_XLA_CPU_DEFAULTS", "").lower() in ("0", "off", "false"):
         return
-    if "xla_cpu_experimental_ynn_fusion_type" not in flags:
+    if "xla_cpu_experimental_ynn_fusion_type" not in flags and not cpu_has_avx512():
         os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_experimental_ynn_fusion_type=".strip()
 
 
@@ -179,13 +191,19 @@ def cmd_sweep(args) -> int:
 def cmd_fit(args) -> int:
     from lmjax.scaling.report import run_fit
     from lmjax.scaling.runs import load_run_table
-    from lmjax.scaling.sweep import print_fit
+    from lmjax.scaling.sweep import predict_holdout, print_fit, print_prediction
 
     sources = args.source if len(args.source) > 1 else args.source[0]
     table = load_run_table(sources, args.param_convention)
     out = Path(args.out) if args.out else table.default_out_dir
     fit = run_fit(sources, out_dir=out, param_convention=args.param_convention, bootstrap=args.bootstrap, table=table)
     print_fit(fit, out)
+    if args.holdout_largest:
+        budgets = {r.budget for r in table.runs if r.budget is not None}
+        if len(budgets) < 3:
+            raise UserError(f"--holdout-largest: expected runs with a budget at >= 3 budgets (a sweep's runs, or a CSV "
+                            f"with a budget column), found {len(budgets)}")
+        print_prediction(predict_holdout(table, out, max(budgets), args.param_convention, bootstrap=args.bootstrap), out)
     return 0
 
 
@@ -307,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: beside the source)")
     p.add_argument("--param-convention", default="total", choices=PARAM_CONVENTIONS)
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--holdout-largest", action="store_true",
+                   help="also fit without the largest budget and predict its loss: OUT/holdout/, OUT/prediction.json")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("compare", help="sweeps and runs side by side: frontiers, IsoFLOP profiles, exponents, "

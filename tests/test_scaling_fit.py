@@ -333,6 +333,17 @@ def test_run_fit_writes_contracted_files(tmp_path):
         assert law.loss(n, budget / (6 * n)) > prediction["loss"]
 
 
+def test_holdout_largest_without_budgets_is_one_line_error(tmp_path, capsys):
+    from lmjax.cli import main
+
+    rows = [[r.params, r.tokens, r.loss] for r in isoflop_runs()]
+    source = write_csv(tmp_path / "runs.csv", rows, ["params", "tokens", "loss"])
+    assert main(["fit", str(source), "--bootstrap", "0", "--holdout-largest"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("error: --holdout-largest: expected runs with a budget at >= 3 budgets"), error
+    assert not (tmp_path / "prediction.json").exists()
+
+
 def test_budgets_are_grouped_by_a_log_tolerance_not_by_rounding():
     """Hand-made computes: 1.04e15 and 1.06e15 round to different digits but are one budget;
     planned budgets keep their exact value; 3x apart are two budgets."""

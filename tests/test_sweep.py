@@ -350,6 +350,14 @@ def test_holdout_prediction_recovers_the_largest_budget(tmp_path):
     assert prediction["minima_law_relative_error"] == pytest.approx(
         (minima_law_loss - summary["final_eval_loss"]) / summary["final_eval_loss"], rel=1e-6, abs=1e-9)
     assert prediction["minima_law_ci_low"] is None  # no bootstrap here
+    # The same check from the sweep's table alone: `lmjax fit runs.csv --holdout-largest`.
+    from lmjax.cli import main
+
+    assert main(["fit", str(tmp_path / "s" / "runs.csv"), "--out", str(tmp_path / "refit"), "--bootstrap", "0",
+                 "--holdout-largest"]) == 0
+    again = json.loads((tmp_path / "refit" / "prediction.json").read_text())
+    assert again.pop("fit") == str(tmp_path / "refit" / "holdout" / "fit.json")
+    assert again == {k: v for k, v in prediction.items() if k != "fit"}
 
 
 def csv_rows(path: Path):

@@ -193,9 +193,11 @@ def _write_runs_csv(path: Path, runs) -> None:
             writer.writerow([run.name, *("" if getattr(run, c) is None else repr(getattr(run, c)) for c in numbers)])
 
 
-def predict_holdout(plan: SweepPlan, table) -> dict[str, Any]:
-    """Fits all budgets but the largest of `table` (the sweep's RunTable), predicts the largest's optimal
-    loss, compares with its best run (seeds averaged).
+def predict_holdout(table, out_dir: Path, largest: float, param_convention: str = "total", seed: int = 0,
+                    bootstrap: int = 200) -> dict[str, Any]:
+    """Fits all budgets of `table` (a RunTable) but the largest one, `largest`, predicts its optimal
+    loss, compares with its best run (seeds averaged). Writes out_dir/holdout/ (the fit) and
+    out_dir/prediction.json.
 
     Two predictions: Approach 3's law at its compute-optimal (N, D) (`predicted_loss`), and the
     IsoFLOP minima law (`minima_law_loss`, with its bootstrap interval). Approach 3's allocation
@@ -207,18 +209,16 @@ def predict_holdout(plan: SweepPlan, table) -> dict[str, Any]:
     from lmjax.scaling.report import fit_and_report
     from lmjax.scaling.runs import FitInputError
 
-    sweep = plan.sweep
-    largest = max(sweep.budgets)
     def is_held(run) -> bool:
         return run.budget is not None and math.isclose(run.budget, largest, rel_tol=1e-9)
 
     held = [r for r in table.runs if is_held(r)]
     if not held:
         raise FitInputError(f"prediction: no completed run at the held-out budget C={format_number(largest)}")
-    holdout_dir = plan.sweep_dir / "holdout"
+    holdout_dir = Path(out_dir) / "holdout"
     _write_runs_csv(holdout_dir / "runs.csv", [r for r in table.completed if not is_held(r)])
-    result, fit = fit_and_report(holdout_dir / "runs.csv", out_dir=holdout_dir, param_convention=sweep.param_convention,
-                                 seed=sweep.fit.seed, bootstrap=sweep.fit.bootstrap)
+    result, fit = fit_and_report(holdout_dir / "runs.csv", out_dir=holdout_dir, param_convention=param_convention,
+                                 seed=seed, bootstrap=bootstrap)
     best = min(held, key=lambda r: r.loss)
     flops_per_param_token = best.flops / (best.params * best.tokens) if best.flops else 6.0
     predicted = predict(fit, largest * 6.0 / flops_per_param_token)
@@ -236,10 +236,10 @@ def predict_holdout(plan: SweepPlan, table) -> dict[str, Any]:
         "relative_error": (predicted["loss"] - best.loss) / best.loss,
         "predicted_loss_at_measured_run": float(law.loss(best.params, best.tokens)),
         **_minima_law_prediction(result.minima_loss(largest), best.loss),
-        "param_convention": sweep.param_convention,
+        "param_convention": param_convention,
         "fit": str(holdout_dir / "fit.json"),
     }
-    write_json_atomic(plan.sweep_dir / "prediction.json", prediction, indent=1)
+    write_json_atomic(Path(out_dir) / "prediction.json", prediction, indent=1)
     return prediction
 
 
@@ -309,7 +309,8 @@ def sweep_command(sweep_path: str, overrides: list[str], plan_only: bool, execut
         _write_runs_csv(plan.sweep_dir / "runs.csv", table.completed)
         print_fit(fit, plan.sweep_dir)
         if sweep.predict.holdout_largest:
-            print_prediction(predict_holdout(plan, table), plan.sweep_dir)
+            print_prediction(predict_holdout(table, plan.sweep_dir, max(sweep.budgets), sweep.param_convention,
+                                             sweep.fit.seed, sweep.fit.bootstrap), plan.sweep_dir)
     except FitInputError as err:
         print(f"fit: {err}", file=sys.stderr)
         return 1
