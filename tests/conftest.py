@@ -10,11 +10,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The XLA:CPU flags the `lmjax` command sets, set here for the test process too: tests compare
-# in-process runs with `lmjax` subprocesses bit for bit, and the matmul backend changes rounding.
-from lmjax.cli import set_cpu_xla_defaults  # noqa: E402  (imports no jax)
-
-set_cpu_xla_defaults()
+# Eigen's matmuls on every CPU (the `lmjax` command picks XLA's default YNNPACK where the CPU has
+# AVX-512, `set_cpu_xla_defaults`): the recorded reference curve (tests/data/dense_tiny_curve.json)
+# was computed with them, and `lmjax` subprocesses inherit XLA_FLAGS, so in-process runs and
+# commands keep matching bit for bit whatever the CPU.
+os.environ["XLA_FLAGS"] += " --xla_cpu_experimental_ynn_fusion_type="
 
 import jax  # noqa: E402
 

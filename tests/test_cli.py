@@ -237,3 +237,18 @@ def test_the_restarted_command_keeps_its_arguments_and_exit_status(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.count("error:") == 1 and str(missing) in result.stderr
+
+
+def test_cpu_xla_defaults_choose_eigen_matmuls_only_without_avx512(monkeypatch):
+    """The CLI's matmul backend by CPU (experiments/bench/README.md, sixth round); a flag the user
+    set wins."""
+    monkeypatch.delenv("LMJAX_XLA_CPU_DEFAULTS", raising=False)
+    for avx512, flags in ((False, "--foo --xla_cpu_experimental_ynn_fusion_type="), (True, "--foo")):
+        monkeypatch.setattr(cli, "cpu_has_avx512", lambda: avx512)
+        monkeypatch.setenv("XLA_FLAGS", "--foo")
+        cli.set_cpu_xla_defaults()
+        assert os.environ["XLA_FLAGS"] == flags
+    monkeypatch.setattr(cli, "cpu_has_avx512", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    cli.set_cpu_xla_defaults()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
