@@ -33,15 +33,6 @@ def _load(args) -> "Config":  # noqa: F821
     return load_config(_config_path(args.config), args.overrides)
 
 
-def cpu_has_avx512() -> bool:
-    """Whether this machine's CPU has AVX-512 (Linux's /proc/cpuinfo; False where it cannot tell)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
-    except OSError:
-        return False
-
-
 def set_cpu_xla_defaults() -> None:
     """XLA:CPU's matmul backend for the train step, by CPU (experiments/bench/README.md, measured
     with `lmjax bench configs/bench_cpu.yaml`): without AVX-512 (AMD EPYC, AVX2) the step runs ~5-10%
@@ -49,6 +40,8 @@ def set_cpu_xla_defaults() -> None:
     AVX-512 and AMX) YNNPACK is ~10% faster, so XLA's default stays. Read when the backend starts, so
     set before first use; an XLA_FLAGS that already mentions the option wins, and
     LMJAX_XLA_CPU_DEFAULTS=off keeps XLA's own."""
+    from lmjax.cpu_peak import cpu_has_avx512  # imports no jax: this runs before jax starts
+
     flags = os.environ.get("XLA_FLAGS", "")
     if os.environ.get("LMJAX_XLA_CPU_DEFAULTS", "").lower() in ("0", "off", "false"):
         return

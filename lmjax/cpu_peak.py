@@ -78,6 +78,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
+def cpu_has_avx512() -> bool:
+    """Whether this machine's CPU has AVX-512 (Linux's /proc/cpuinfo; False where it cannot tell)."""
+    try:
+        return any(line.startswith("flags") and " avx512f" in line
+                   for line in Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return False
+
+
 def usable_cores() -> int:
     # XLA and torch size their thread pools by the CPUs this process may run on, not the machine's total.
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

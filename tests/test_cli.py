@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from lmjax import cli
+from lmjax import cli, cpu_peak
 from lmjax.config import load_yaml, Config, load_config, replace
 
 
@@ -244,11 +244,11 @@ def test_cpu_xla_defaults_choose_eigen_matmuls_only_without_avx512(monkeypatch):
     set wins."""
     monkeypatch.delenv("LMJAX_XLA_CPU_DEFAULTS", raising=False)
     for avx512, flags in ((False, "--foo --xla_cpu_experimental_ynn_fusion_type="), (True, "--foo")):
-        monkeypatch.setattr(cli, "cpu_has_avx512", lambda: avx512)
+        monkeypatch.setattr(cpu_peak, "cpu_has_avx512", lambda: avx512)
         monkeypatch.setenv("XLA_FLAGS", "--foo")
         cli.set_cpu_xla_defaults()
         assert os.environ["XLA_FLAGS"] == flags
-    monkeypatch.setattr(cli, "cpu_has_avx512", lambda: False)
+    monkeypatch.setattr(cpu_peak, "cpu_has_avx512", lambda: False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
     cli.set_cpu_xla_defaults()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
