@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from lmjax.errors import UserError
-from lmjax.scaling.runs import PARAM_CONVENTIONS  # light: csv, json, yaml
+from lmjax.scaling.runs import PARAM_CONVENTIONS, SEED_AGGREGATES  # light: csv, json, yaml
 
 EXIT_USER_ERROR = 2
 
@@ -187,7 +187,7 @@ def cmd_fit(args) -> int:
     from lmjax.scaling.sweep import predict_holdout, print_fit, print_prediction
 
     sources = args.source if len(args.source) > 1 else args.source[0]
-    table = load_run_table(sources, args.param_convention)
+    table = load_run_table(sources, args.param_convention, args.seed_aggregate)
     out = Path(args.out) if args.out else table.default_out_dir
     fit = run_fit(sources, out_dir=out, param_convention=args.param_convention, bootstrap=args.bootstrap, table=table)
     print_fit(fit, out)
@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for confidence intervals")
     p.add_argument("--holdout-largest", action="store_true",
                    help="also fit without the largest budget and predict its loss: OUT/holdout/, OUT/prediction.json")
+    p.add_argument("--seed-aggregate", default="mean", choices=SEED_AGGREGATES,
+                   help="runs that differ only by seed enter the fit at their mean (default) or median")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("compare", help="sweeps and runs side by side: frontiers, IsoFLOP profiles, exponents, "

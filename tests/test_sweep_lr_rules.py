@@ -185,6 +185,7 @@ def test_mup_rule_tunes_at_the_base_width_and_transfers(tmp_path):
     ({"lr_rule": "grid", "lr_fit": "spline"}, "lr_fit: expected one of per_size, power_law"),
     ({"lr_rule": "fixed", "lr_fit": "power_law"}, "lr_fit power_law fits the rates lr_rule grid tunes"),
     ({"seeds": [0, 0]}, "seeds: expected distinct"),
+    ({"seeds": [0, 1], "fit": {"seed_aggregate": "best"}}, "fit.seed_aggregate: expected one of mean, median, got 'best'"),
     ({"eval_tokens": -1}, "eval_tokens"),
     ({"lr_rule": "mup", "base_overrides": {"model.mup_base_width": 100}}, "no size there has that d_model"),
 ])

@@ -71,7 +71,10 @@ class ScalingLaw:
 
     @property
     def G(self) -> float:
-        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        ratio = self.alpha * self.A / (self.beta * self.B)
+        if not (ratio > 0 and self.alpha + self.beta > 0):  # a degenerate fit (an exponent <= 0) has no
+            return math.nan  # interior optimum; a float power of a negative ratio would be complex
+        return ratio ** (1.0 / (self.alpha + self.beta))
 
     def loss(self, N, D):
         return self.E + self.A / np.power(N, self.alpha) + self.B / np.power(D, self.beta)

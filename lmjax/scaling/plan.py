@@ -43,7 +43,7 @@ from lmjax.tasks import build_task
 from lmjax.config import Config, ConfigError, ModelConfig, build, flatten_dotted, load_config, load_yaml, parse_override
 from lmjax.config import replace, to_dict, validate
 from lmjax.scaling import lr_rules
-from lmjax.scaling.runs import PARAM_CONVENTIONS
+from lmjax.scaling.runs import PARAM_CONVENTIONS, SEED_AGGREGATES
 from lmjax.scaling.shapes import SHAPE_KEYS, ShapeRules, count_params, shape_for_params  # noqa: F401 (re-exported)
 
 
@@ -65,6 +65,7 @@ class PredictSettings:
 class FitSettings:
     bootstrap: int = 200
     seed: int = 0
+    seed_aggregate: str = "mean"  # runs that differ only by seed enter the fit at their mean or median
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,8 @@ def _check(sweep: SweepConfig) -> None:
     lr_rules.check_rule(sweep.lr_rule, sweep.lr_grid, sweep.lr_fit)
     if len(set(sweep.seeds)) != len(sweep.seeds) or any(seed < 0 for seed in sweep.seeds):
         raise ConfigError(f"seeds: expected distinct integers >= 0, got {list(sweep.seeds)}")
+    if sweep.fit.seed_aggregate not in SEED_AGGREGATES:
+        raise ConfigError(f"fit.seed_aggregate: expected one of {', '.join(SEED_AGGREGATES)}, got {sweep.fit.seed_aggregate!r}")
     if sweep.eval_tokens < 0:
         raise ConfigError(f"eval_tokens: expected >= 0 (0: the base config's train.eval_batches), got {sweep.eval_tokens}")
     rules = sweep.schedule

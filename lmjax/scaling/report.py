@@ -36,6 +36,8 @@ def fit_and_report(source: str | os.PathLike | list, out_dir: str | os.PathLike 
     out = Path(out_dir) if out_dir is not None else table.default_out_dir
     out.mkdir(parents=True, exist_ok=True)
     fit = result.to_json()
+    if any(r.seed_losses for r in table.runs):
+        fit["seed_aggregate"] = table.seed_aggregate
     write_json_atomic(out / "fit.json", fit, indent=2)
     write_plots(result, out)
     (out / "report.md").write_text(render_report(result, fit, table, source, bootstrap))
@@ -67,13 +69,13 @@ def _approach2_tokens_per_param(result: FitResult) -> dict | None:
     return None
 
 
-def _noise_lines(result: FitResult) -> list[str]:
-    """How noisy the fitted losses are: seeds averaged per point, and the eval's standard error."""
+def _noise_lines(result: FitResult, seed_aggregate: str) -> list[str]:
+    """How noisy the fitted losses are: seeds aggregated per point, and the eval's standard error."""
     lines = []
     averaged = [r for r in result.runs if r.seed_losses]
     if averaged:
         spreads = [r.seed_spread for r in averaged]
-        lines.append(f"- Seeds: {len(averaged)} of {len(result.runs)} points are the mean of "
+        lines.append(f"- Seeds: {len(averaged)} of {len(result.runs)} points are the {seed_aggregate} of "
                      f"{min(len(r.seed_losses) for r in averaged)}-{max(len(r.seed_losses) for r in averaged)} seeds; "
                      f"the seeds' loss std is {np.median(spreads):.4f} (median; max {max(spreads):.4f}).")
     stderrs = [r.loss_stderr for r in result.runs if r.loss_stderr is not None and not r.seed_losses]
@@ -97,7 +99,7 @@ def render_report(result: FitResult, fit: dict, table: RunTable, source, bootstr
         "Approach 2's lines are fitted against each budget's 6 N_opt D_opt)"
         + (f"; against the budgets as counted, Approach 2 gives a = {format_estimate(approach2['a_counted'])}, "
            f"b = {format_estimate(approach2['b_counted'])}." if "a_counted" in approach2 else "."),
-        *_noise_lines(result),
+        *_noise_lines(result, table.seed_aggregate),
         *[f"- Skipped {name}: {reason}." for name, reason in table.skipped.items()], "",
         "## Compute-optimal scaling, N_opt ∝ C^a and D_opt ∝ C^b", "",
         "| quantity | Approach 2 (IsoFLOP) | Approach 3 (parametric) | Chinchilla A2 / A3 |",

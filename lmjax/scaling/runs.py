@@ -8,7 +8,8 @@ Every source becomes a list of `RunRecord`s. Sources:
 - a sweep directory holding `plan.json` and `runs/<name>/summary.json`.
 
 Runs whose `status` is not "completed" are skipped and counted. Runs that differ only by their
-seed are one point of the fit, at their mean loss, with the seeds' losses kept to show the spread
+seed are one point of the fit, at their mean loss (or median: one stalled seed in three moves a mean
+by a third of its excess and a median not at all), with the seeds' losses kept to show the spread
 (`average_seeds`). Several learning rates tried at one (budget, size) leave only the best one in the
 fit (`select_best_lr`), since the compute-optimal frontier is defined by well-tuned runs (Porian et
 al. 2024).
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -33,6 +35,7 @@ from lmjax.errors import UserError
 PARAM_CONVENTIONS = ("total", "non_embedding", "non_embedding_with_head", "active")
 _REQUIRED_CSV_COLUMNS = ("params", "tokens", "loss")
 _OPTIONAL_CSV_NUMBERS = ("flops", "budget", "lr", "loss_stderr")
+SEED_AGGREGATES = ("mean", "median")
 _SUMMARY_KEYS = ("final_eval_loss", "params_total", "params_non_embedding", "params_output_head", "tokens")
 
 
@@ -53,7 +56,7 @@ class RunRecord:
     lr: float | None = None
     loss_stderr: float | None = None  # standard error of `loss` over its eval batches (summary.json)
     seed: int | None = None
-    seed_losses: tuple[float, ...] = ()  # an average of several seeds: each one's loss (`loss` is their mean)
+    seed_losses: tuple[float, ...] = ()  # an aggregate of several seeds: each one's loss (`loss` is their mean or median)
 
     @property
     def seed_spread(self) -> float | None:
@@ -73,6 +76,7 @@ class RunTable:
     skipped: dict[str, str] = field(default_factory=dict)  # run name -> why it is not in the fit
     n_lr_dropped: int = 0  # runs beaten by another learning rate at the same (budget, size)
     completed: list[RunRecord] = field(default_factory=list)  # every completed run, before averaging and selection
+    seed_aggregate: str = "mean"  # how runs that differ only by seed became one point (SEED_AGGREGATES)
 
 
 def load_runs(source: str | os.PathLike | list, param_convention: str = "total") -> list[RunRecord]:
@@ -80,9 +84,13 @@ def load_runs(source: str | os.PathLike | list, param_convention: str = "total")
     return load_run_table(source, param_convention).runs
 
 
-def load_run_table(source: str | os.PathLike | list, param_convention: str = "total") -> RunTable:
-    """Reads `source` (CSV, run directory, list of run directories or sweep directory)."""
+def load_run_table(source: str | os.PathLike | list, param_convention: str = "total",
+                   seed_aggregate: str = "mean") -> RunTable:
+    """Reads `source` (CSV, run directory, list of run directories or sweep directory); runs that
+    differ only by seed enter the fit at their `seed_aggregate` ("mean" or "median")."""
     _check_convention(param_convention)
+    if seed_aggregate not in SEED_AGGREGATES:
+        raise FitInputError(f"seed aggregate '{seed_aggregate}': expected one of {', '.join(SEED_AGGREGATES)}")
     if isinstance(source, (list, tuple)):
         if not source:
             raise FitInputError("fit source: the list of run directories is empty")
@@ -102,19 +110,22 @@ def load_run_table(source: str | os.PathLike | list, param_convention: str = "to
         else:
             raise FitInputError(f"fit source {path}: expected a CSV file, a run directory with summary.json "
                                 "or a sweep directory with plan.json")
-    kept, n_dropped = select_best_lr(average_seeds(runs))
+    kept, n_dropped = select_best_lr(average_seeds(runs, seed_aggregate))
     if not kept:
         why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
         raise FitInputError(f"fit source {source}: no completed runs to fit" + (f" (skipped {why})" if why else ""))
-    return RunTable(runs=kept, default_out_dir=out_dir, skipped=skipped, n_lr_dropped=n_dropped, completed=runs)
+    return RunTable(runs=kept, default_out_dir=out_dir, skipped=skipped, n_lr_dropped=n_dropped, completed=runs,
+                    seed_aggregate=seed_aggregate)
 
 
-def average_seeds(runs: list[RunRecord]) -> list[RunRecord]:
-    """One record per setting (budget, N, D, lr): the mean loss of its seeds, each seed's loss kept.
+def average_seeds(runs: list[RunRecord], aggregate: str = "mean") -> list[RunRecord]:
+    """One record per setting (budget, N, D, lr): its seeds' mean (or median) loss, each seed's loss kept.
 
     Runs that share all four differ only by their seed (or are repeats), so they are samples of one
     point of the fit; averaging them, not fitting each, keeps the bootstrap's unit a setting. The
-    mean's standard error combines the seeds' spread: std / sqrt(seeds)."""
+    mean's standard error combines the seeds' spread: std / sqrt(seeds); the median's, for normal
+    noise, is sqrt(pi / 2) times that (the large-sample ratio; for three seeds the exact one is
+    ~1.16, so this is slightly conservative)."""
     groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
         groups.setdefault((run.budget, run.params, run.tokens, run.lr), []).append(run)
@@ -127,9 +138,10 @@ def average_seeds(runs: list[RunRecord]) -> list[RunRecord]:
         flops = [r.flops for r in group if r.flops is not None]
         record = RunRecord(
             name=_common_name([r.name for r in group]), params=group[0].params, tokens=group[0].tokens,
-            loss=sum(losses) / len(losses), flops=sum(flops) / len(flops) if flops else None,
-            budget=group[0].budget, lr=group[0].lr, seed_losses=losses)
-        averaged.append(dataclasses.replace(record, loss_stderr=record.seed_spread / math.sqrt(len(losses))))
+            loss=statistics.median(losses) if aggregate == "median" else statistics.fmean(losses),
+            flops=sum(flops) / len(flops) if flops else None, budget=group[0].budget, lr=group[0].lr, seed_losses=losses)
+        stderr = record.seed_spread / math.sqrt(len(losses)) * (math.sqrt(math.pi / 2) if aggregate == "median" else 1)
+        averaged.append(dataclasses.replace(record, loss_stderr=stderr))
     return averaged
 
 

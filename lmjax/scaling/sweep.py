@@ -207,7 +207,7 @@ def predict_holdout(table, out_dir: Path, largest: float, param_convention: str 
     """
     from lmjax.scaling.fit import ScalingLaw, predict
     from lmjax.scaling.report import fit_and_report
-    from lmjax.scaling.runs import FitInputError
+    from lmjax.scaling.runs import FitInputError, load_run_table
 
     def is_held(run) -> bool:
         return run.budget is not None and math.isclose(run.budget, largest, rel_tol=1e-9)
@@ -217,8 +217,9 @@ def predict_holdout(table, out_dir: Path, largest: float, param_convention: str 
         raise FitInputError(f"prediction: no completed run at the held-out budget C={format_number(largest)}")
     holdout_dir = Path(out_dir) / "holdout"
     _write_runs_csv(holdout_dir / "runs.csv", [r for r in table.completed if not is_held(r)])
+    holdout = load_run_table(holdout_dir / "runs.csv", param_convention, table.seed_aggregate)
     result, fit = fit_and_report(holdout_dir / "runs.csv", out_dir=holdout_dir, param_convention=param_convention,
-                                 seed=seed, bootstrap=bootstrap)
+                                 seed=seed, bootstrap=bootstrap, table=holdout)
     best = min(held, key=lambda r: r.loss)
     flops_per_param_token = best.flops / (best.params * best.tokens) if best.flops else 6.0
     predicted = predict(fit, largest * 6.0 / flops_per_param_token)
@@ -237,6 +238,7 @@ def predict_holdout(table, out_dir: Path, largest: float, param_convention: str 
         "predicted_loss_at_measured_run": float(law.loss(best.params, best.tokens)),
         **_minima_law_prediction(result.minima_loss(largest), best.loss),
         "param_convention": param_convention,
+        **({"seed_aggregate": table.seed_aggregate} if any(r.seed_losses for r in held) else {}),
         "fit": str(holdout_dir / "fit.json"),
     }
     write_json_atomic(Path(out_dir) / "prediction.json", prediction, indent=1)
@@ -302,7 +304,7 @@ def sweep_command(sweep_path: str, overrides: list[str], plan_only: bool, execut
     for name, reason in failures.items():
         print(f"failed: {name}: {reason}", file=sys.stderr)
     try:
-        table = load_run_table(plan.sweep_dir, sweep.param_convention)
+        table = load_run_table(plan.sweep_dir, sweep.param_convention, sweep.fit.seed_aggregate)
         fit = run_fit(plan.sweep_dir, param_convention=sweep.param_convention, seed=sweep.fit.seed,
                       bootstrap=sweep.fit.bootstrap, table=table)
         # The fitted runs as a table: `lmjax fit sweep_dir/runs.csv` refits without the run folders.

@@ -1,15 +1,19 @@
-"""Seeds 1 and 2 of the fourth design's five runs at its held-out budget (3.2e13), then the fit and
-the held-out prediction with each of those sizes at its three seeds' mean.
+"""Seeds 1 and 2 of the fourth design's runs above its learning-rate grid (4e12-3.2e13), then the
+fit and the held-out prediction with each setting at its three seeds' aggregate.
 
-    .venv/bin/python experiments/chinchilla_cpu/width/seeds/run_seeds.py [--parallel 2]
+    .venv/bin/python experiments/chinchilla_cpu/width/seeds/run_seeds.py [--parallel 2] [--budgets 3.2e13 ...]
+        [--seed-aggregate mean|median]
 
 Each run is the committed plan's (`width/plan.json`: its base config plus the run's overrides, so
 the same shape, steps, learning rate and schedule) with `seed=1` or `seed=2`, trained by `lmjax
-train` into runs/chinchilla_cpu_width_seeds/runs/<name>_s<seed>; finished runs are skipped, so a
-rerun resumes. The table is the committed `width/runs.csv` (seed 0) plus these ten runs, with the
-budget and learning rate of their plan entry: runs differing only by seed are one point of the
-fit, at their mean (`lmjax.scaling.runs.average_seeds`). Writes runs.csv, fit.json, report.md and
-the plots in this folder, and prediction.json and holdout/ in runs/chinchilla_cpu_width_seeds.
+train` into runs/chinchilla_cpu_width_seeds/runs/<name>_s<seed>. The table is this folder's
+runs.csv (the committed `width/runs.csv`, seed 0, plus the seed runs already recorded here: those
+are not trained again, so a rerun resumes) plus the new runs, with the budget and learning rate of
+their plan entry. Runs differing only by seed are one point of the fit, at their seeds' aggregate
+(`lmjax.scaling.runs.average_seeds`). The smallest budget is the learning-rate grid (six rates per
+size): seeds there are left out, since an averaged setting would compete with single-seed ones for
+the best rate. Writes runs.csv, fit.json, report.md and the plots in this folder, and
+prediction.json and holdout/ in runs/chinchilla_cpu_width_seeds.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +31,7 @@ from lmjax.config import Config, save_config
 from lmjax.config_tree import build
 from lmjax.fileio import read_completed_summary
 from lmjax.scaling.report import run_fit
-from lmjax.scaling.runs import load_run_table
+from lmjax.scaling.runs import SEED_AGGREGATES, load_run_table
 from lmjax.scaling.sweep import _write_runs_csv, predict_holdout, print_prediction
 
 HERE = Path("experiments/chinchilla_cpu/width/seeds")  # run from the repository root, as the docstring does
@@ -48,29 +53,47 @@ def train(base: Path, entry: dict, seed: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parallel", type=int, default=1, help="runs at once")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None,
+                        help="budgets to seed (default: every budget above the smallest, the learning-rate grid)")
+    parser.add_argument("--seed-aggregate", choices=SEED_AGGREGATES, default="mean",
+                        help="how a setting's seeds become one point of the fit")
     args = parser.parse_args()
     plan = json.loads((WIDTH / "plan.json").read_text())
-    held = [entry for entry in plan["runs"] if entry["budget"] == max(plan["budgets"])]
+    budgets = args.budgets or sorted(plan["budgets"])[1:]
+    if unknown := sorted(set(budgets) - set(plan["budgets"])):
+        sys.exit(f"--budgets: {unknown} are not budgets of width/plan.json (expected some of {plan['budgets']})")
+    table_csv = HERE / "runs.csv" if (HERE / "runs.csv").is_file() else WIDTH / "runs.csv"
+    recorded = load_run_table(table_csv, plan["param_convention"]).completed
+    done = {r.name for r in recorded}
+    by_name = {entry["name"]: entry for entry in plan["runs"]}
+    jobs = [(entry, seed) for seed in SEEDS for entry in plan["runs"]
+            if entry["budget"] in budgets and f"{entry['name']}_s{seed}" not in done]
+    print(f"{len(jobs)} runs to train ({len(done)} recorded in {table_csv})")
+
     SWEEP_DIR.mkdir(parents=True, exist_ok=True)
     base = SWEEP_DIR / "base.yaml"
     save_config(build(Config, plan["base_config"]), base)
-    jobs = [(entry, seed) for seed in SEEDS for entry in held]
-    with ThreadPoolExecutor(args.parallel) as pool:
-        run_dirs = list(pool.map(lambda job: train(base, *job), jobs))
-
     extra = []
-    for (entry, seed), run_dir in zip(jobs, run_dirs):
+    lock = threading.Lock()
+
+    def train_and_record(job):
+        entry, seed = job
+        run_dir = train(base, entry, seed)
         record = load_run_table(run_dir, plan["param_convention"]).completed[0]
         assert (record.params, record.tokens) == (entry["params"], entry["tokens"]), run_dir
-        extra.append(dataclasses.replace(record, name=run_dir.name, budget=entry["budget"], lr=entry["lr"], seed=seed))
-    committed = load_run_table(WIDTH / "runs.csv", plan["param_convention"]).completed
-    _write_runs_csv(HERE / "runs.csv", committed + extra)
-    for entry, seed, record in ((e, s, r) for (e, s), r in zip(jobs, extra)):
-        print(f"{entry['name']} seed {seed}: {record.loss:.4f}")
+        record = dataclasses.replace(record, name=run_dir.name, budget=entry["budget"], lr=entry["lr"], seed=seed)
+        with lock:  # each finished run is written at once, so an interrupted study keeps what it trained
+            extra.append(record)
+            _write_runs_csv(HERE / "runs.csv", recorded + sorted(extra, key=lambda r: r.name))
+            print(f"{run_dir.name}: {record.loss:.4f}", flush=True)
 
-    table = load_run_table(HERE / "runs.csv", plan["param_convention"])
+    with ThreadPoolExecutor(args.parallel) as pool:
+        list(pool.map(train_and_record, jobs))
+    assert all(r.name.rsplit("_s", 1)[0] in by_name for r in extra)
+
+    table = load_run_table(HERE / "runs.csv", plan["param_convention"], seed_aggregate=args.seed_aggregate)
     fit = run_fit(HERE / "runs.csv", out_dir=HERE, param_convention=plan["param_convention"], table=table)
-    print(f"Approach 3 a = {fit['approach3']['a']}")
+    print(f"seeds aggregated by their {args.seed_aggregate}; Approach 3 a = {fit['approach3']['a']}")
     print_prediction(predict_holdout(table, SWEEP_DIR, max(plan["budgets"]), plan["param_convention"]), SWEEP_DIR)
 
 
