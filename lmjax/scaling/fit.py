@@ -286,8 +286,9 @@ def bootstrap_approach2(fit: Approach2Fit, n_resamples: int, rng: np.random.Gene
         if usable.sum() >= MIN_BUDGETS:
             log_n, log_d = np.log(n_opt[i, usable]), np.log(d_opt[i, usable])
             exponents[i] = [np.polyfit(x, y, 1)[0] for x in (log_c6[i, usable], log_c[usable]) for y in (log_n, log_d)]
-            slope, minima_law[i, 0] = np.polyfit(log_c[usable], np.log(loss_min[i, usable]), 1)
-            minima_law[i, 1] = -slope
+            if (loss_min[i, usable] > 0).all():  # a resample's parabola can bottom out below zero: no law
+                slope, minima_law[i, 0] = np.polyfit(log_c[usable], np.log(loss_min[i, usable]), 1)
+                minima_law[i, 1] = -slope
     return {"N_opt": n_opt, "D_opt": d_opt, "a": exponents[:, 0], "b": exponents[:, 1],
             "a_counted": exponents[:, 2], "b_counted": exponents[:, 3],
             "minima_log_a": minima_law[:, 0], "minima_gamma": minima_law[:, 1]}

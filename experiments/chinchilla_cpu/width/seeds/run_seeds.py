@@ -66,7 +66,9 @@ def main() -> None:
     recorded = load_run_table(table_csv, plan["param_convention"]).completed
     done = {r.name for r in recorded}
     by_name = {entry["name"]: entry for entry in plan["runs"]}
-    jobs = [(entry, seed) for seed in SEEDS for entry in plan["runs"]
+    # Largest budgets first: the seeds nearest the held-out budget matter most to its prediction, and
+    # long runs first pack the parallel slots best; an interrupted study has its top budgets complete.
+    jobs = [(entry, seed) for entry in sorted(plan["runs"], key=lambda e: -e["budget"]) for seed in SEEDS
             if entry["budget"] in budgets and f"{entry['name']}_s{seed}" not in done]
     print(f"{len(jobs)} runs to train ({len(done)} recorded in {table_csv})")
 
