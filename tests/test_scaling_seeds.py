@@ -45,7 +45,7 @@ def test_the_median_of_seeds_ignores_one_stalled_seed(tmp_path):
 def test_fit_by_the_seeds_median_equals_the_fit_without_the_stalled_seeds(tmp_path):
     # Every setting three times: two seeds at the clean loss, one 0.3 nats high (a stalled run). The
     # median of each setting is its clean loss, so the fit and the held-out prediction by the median
-    # must equal those of the clean single-seed table; by the mean they must not.
+    # must equal those of the clean single-seed table; the mean keeps a third of the stall.
     from lmjax.cli import main
 
     runs = isoflop_runs()
@@ -54,17 +54,18 @@ def test_fit_by_the_seeds_median_equals_the_fit_without_the_stalled_seeds(tmp_pa
     seeded = write_csv(tmp_path / "seeded.csv", [[r.params, r.tokens, r.loss + 0.3 * (seed == i % 3), r.budget,
                                                   f"{r.name}_s{seed}", seed]
                                                  for i, r in enumerate(runs) for seed in range(3)], columns)
-    for name, source, aggregate in (("clean", clean, "mean"), ("median", seeded, "median"), ("mean", seeded, "mean")):
+    for name, source, aggregate in (("clean", clean, "mean"), ("median", seeded, "median")):
         assert main(["fit", str(source), "--out", str(tmp_path / name), "--bootstrap", "5", "--holdout-largest",
                      "--seed-aggregate", aggregate]) == 0
-    fit = {name: json.loads((tmp_path / name / "fit.json").read_text()) for name in ("clean", "median", "mean")}
+    fit = {name: json.loads((tmp_path / name / "fit.json").read_text()) for name in ("clean", "median")}
     prediction = {name: json.loads((tmp_path / name / "prediction.json").read_text()) for name in fit}
     assert "seed_aggregate" not in fit["clean"] and "seed_aggregate" not in prediction["clean"]
-    assert fit["median"].pop("seed_aggregate") == "median" and fit["mean"].pop("seed_aggregate") == "mean"
+    assert fit["median"].pop("seed_aggregate") == "median"
     for key, estimate in fit["clean"]["approach3"].items():
         assert fit["median"]["approach3"][key] == pytest.approx(estimate, rel=1e-6), key
     assert fit["median"]["isoflop"]["a"] == pytest.approx(fit["clean"]["isoflop"]["a"], rel=1e-6)
     assert prediction["median"]["seed_aggregate"] == "median"
     for key in ("predicted_loss", "measured_loss", "minima_law_loss"):
         assert prediction["median"][key] == pytest.approx(prediction["clean"][key], rel=1e-6)
-    assert prediction["mean"]["measured_loss"] == pytest.approx(prediction["clean"]["measured_loss"] + 0.1, rel=1e-6)
+    by_mean = load_run_table(seeded).runs  # each setting 0.1 high: the mean keeps a third of the stall
+    assert sorted(r.loss for r in by_mean) == pytest.approx(sorted(r.loss + 0.1 for r in runs), rel=1e-9)
