@@ -10,11 +10,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Eigen's matmuls on every CPU (the `lmjax` command picks XLA's default YNNPACK where the CPU has
-# AVX-512, `set_cpu_xla_defaults`): the recorded reference curve (tests/data/dense_tiny_curve.json)
-# was computed with them, and `lmjax` subprocesses inherit XLA_FLAGS, so in-process runs and
-# commands keep matching bit for bit whatever the CPU.
-os.environ["XLA_FLAGS"] += " --xla_cpu_experimental_ynn_fusion_type="
+# Eigen's matmuls and XLA's default 256-bit vectors on every CPU (the `lmjax` command picks XLA's
+# default YNNPACK and 512-bit vectors where the CPU has AVX-512, `set_cpu_xla_defaults`): the
+# recorded reference curve (tests/data/dense_tiny_curve.json) was computed with them, and `lmjax`
+# subprocesses inherit XLA_FLAGS, so in-process runs and commands keep matching bit for bit
+# whatever the CPU.
+os.environ["XLA_FLAGS"] += " --xla_cpu_experimental_ynn_fusion_type= --xla_cpu_prefer_vector_width=256"
 
 import jax  # noqa: E402
 

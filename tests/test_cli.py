@@ -239,11 +239,12 @@ def test_the_restarted_command_keeps_its_arguments_and_exit_status(tmp_path):
     assert result.stderr.count("error:") == 1 and str(missing) in result.stderr
 
 
-def test_cpu_xla_defaults_choose_eigen_matmuls_only_without_avx512(monkeypatch):
+def test_cpu_xla_defaults_choose_eigen_without_avx512_and_wide_vectors_with_it(monkeypatch):
     """The CLI's matmul backend by CPU (experiments/bench/README.md, sixth round); a flag the user
     set wins."""
     monkeypatch.delenv("LMJAX_XLA_CPU_DEFAULTS", raising=False)
-    for avx512, flags in ((False, "--foo --xla_cpu_experimental_ynn_fusion_type="), (True, "--foo")):
+    for avx512, flags in ((False, "--foo --xla_cpu_experimental_ynn_fusion_type="),
+                          (True, "--foo --xla_cpu_prefer_vector_width=512")):
         monkeypatch.setattr(cpu_peak, "cpu_has_avx512", lambda: avx512)
         monkeypatch.setenv("XLA_FLAGS", "--foo")
         cli.set_cpu_xla_defaults()
@@ -252,3 +253,11 @@ def test_cpu_xla_defaults_choose_eigen_matmuls_only_without_avx512(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
     cli.set_cpu_xla_defaults()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
+    monkeypatch.setattr(cpu_peak, "cpu_has_avx512", lambda: True)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
+    cli.set_cpu_xla_defaults()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_prefer_vector_width=256"
+    monkeypatch.setenv("LMJAX_XLA_CPU_DEFAULTS", "off")
+    monkeypatch.setenv("XLA_FLAGS", "--foo")
+    cli.set_cpu_xla_defaults()
+    assert os.environ["XLA_FLAGS"] == "--foo"
