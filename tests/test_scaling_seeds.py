@@ -28,9 +28,11 @@ def test_seeds_are_averaged_before_the_best_lr_is_kept(tmp_path):
 
 
 def test_the_median_of_seeds_ignores_one_stalled_seed(tmp_path):
-    # Three seeds of one setting, one stalled 0.3 high: the mean moves by 0.1, the median not at all.
+    # Three seeds of one setting, one stalled 0.3 high: the mean moves by 0.1, the median not at all;
+    # of two seeds the median is their mean, with the mean's standard error.
     rows = [[1e6, 2e7, loss, 1e14, 1e-3, seed, f"N1e6_s{seed}"] for seed, loss in enumerate((3.00, 3.30, 3.02))]
-    source = write_csv(tmp_path / "runs.csv", rows, ["params", "tokens", "loss", "budget", "lr", "seed", "name"])
+    columns = ["params", "tokens", "loss", "budget", "lr", "seed", "name"]
+    source = write_csv(tmp_path / "runs.csv", rows, columns)
     (mean,) = load_run_table(source).runs
     (median,) = load_run_table(source, seed_aggregate="median").runs
     assert mean.loss == pytest.approx(9.32 / 3) and median.loss == pytest.approx(3.02)
@@ -38,6 +40,8 @@ def test_the_median_of_seeds_ignores_one_stalled_seed(tmp_path):
     std = np.std([3.00, 3.30, 3.02], ddof=1)
     assert mean.loss_stderr == pytest.approx(std / math.sqrt(3))
     assert median.loss_stderr == pytest.approx(std / math.sqrt(3) * math.sqrt(math.pi / 2))
+    (two,) = load_run_table(write_csv(tmp_path / "two.csv", rows[:2], columns), seed_aggregate="median").runs
+    assert two.loss == pytest.approx(3.15) and two.loss_stderr == pytest.approx(np.std([3.0, 3.3], ddof=1) / math.sqrt(2))
     with pytest.raises(FitInputError, match="seed aggregate 'best': expected one of mean, median"):
         load_run_table(source, seed_aggregate="best")
 

@@ -123,9 +123,9 @@ def average_seeds(runs: list[RunRecord], aggregate: str = "mean") -> list[RunRec
 
     Runs that share all four differ only by their seed (or are repeats), so they are samples of one
     point of the fit; averaging them, not fitting each, keeps the bootstrap's unit a setting. The
-    mean's standard error combines the seeds' spread: std / sqrt(seeds); the median's, for normal
-    noise, is sqrt(pi / 2) times that (the large-sample ratio; for three seeds the exact one is
-    ~1.16, so this is slightly conservative)."""
+    mean's standard error combines the seeds' spread: std / sqrt(seeds); the median's of three or
+    more, for normal noise, is sqrt(pi / 2) times that (the large-sample ratio; for three seeds the
+    exact one is ~1.16, so this is slightly conservative)."""
     groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
         groups.setdefault((run.budget, run.params, run.tokens, run.lr), []).append(run)
@@ -140,7 +140,8 @@ def average_seeds(runs: list[RunRecord], aggregate: str = "mean") -> list[RunRec
             name=_common_name([r.name for r in group]), params=group[0].params, tokens=group[0].tokens,
             loss=statistics.median(losses) if aggregate == "median" else statistics.fmean(losses),
             flops=sum(flops) / len(flops) if flops else None, budget=group[0].budget, lr=group[0].lr, seed_losses=losses)
-        stderr = record.seed_spread / math.sqrt(len(losses)) * (math.sqrt(math.pi / 2) if aggregate == "median" else 1)
+        median_of_3_or_more = aggregate == "median" and len(losses) > 2  # of two, the median is the mean
+        stderr = record.seed_spread / math.sqrt(len(losses)) * (math.sqrt(math.pi / 2) if median_of_3_or_more else 1)
         averaged.append(dataclasses.replace(record, loss_stderr=stderr))
     return averaged
 
