@@ -21,15 +21,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import queue
 import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from lmjax.config import Config, save_config
 from lmjax.config_tree import build
 from lmjax.fileio import read_completed_summary
+from lmjax.scaling.executors import DeviceShare, split_devices
 from lmjax.scaling.report import run_fit
 from lmjax.scaling.runs import SEED_AGGREGATES, load_run_table
 from lmjax.scaling.sweep import _write_runs_csv, predict_holdout, print_prediction
@@ -40,13 +44,18 @@ SWEEP_DIR = Path("runs/chinchilla_cpu_width_seeds")
 SEEDS = (1, 2)
 
 
-def train(base: Path, entry: dict, seed: int) -> Path:
+def train(base: Path, entry: dict, seed: int, share: DeviceShare | None) -> Path:
+    """One run, pinned to `share`'s cores as `lmjax sweep --parallel` pins its runs (XLA sizes its
+    thread pools from the affinity mask: unpinned, two runs would each start a pool per core)."""
     run_dir = SWEEP_DIR / "runs" / f"{entry['name']}_s{seed}"
     if read_completed_summary(run_dir) is None:
         overrides = [o for o in entry["overrides"] if not o.startswith("run_dir=")]
-        with (SWEEP_DIR / f"{run_dir.name}.log").open("w") as log:
+        pinning = {} if share is None else {"env": share.environment(dict(os.environ)),
+                                            "preexec_fn": partial(os.sched_setaffinity, 0, share.cpus)}
+        with (SWEEP_DIR / f"{run_dir.name}.log").open("a") as log:
             subprocess.run([sys.executable, "-m", "lmjax.cli", "train", str(base), *overrides, f"run_dir={run_dir}",
-                            f"seed={seed}", "logging.progress=false"], stdout=log, stderr=subprocess.STDOUT, check=True)
+                            f"seed={seed}", "logging.progress=false"], stdout=log, stderr=subprocess.STDOUT, check=True,
+                           **pinning)
     return run_dir
 
 
@@ -77,10 +86,17 @@ def main() -> None:
     save_config(build(Config, plan["base_config"]), base)
     extra = []
     lock = threading.Lock()
+    shares = queue.Queue()
+    for share in split_devices(args.parallel, sorted(os.sched_getaffinity(0)), []) if args.parallel > 1 else [None]:
+        shares.put(share)
 
     def train_and_record(job):
         entry, seed = job
-        run_dir = train(base, entry, seed)
+        share = shares.get()
+        try:
+            run_dir = train(base, entry, seed, share)
+        finally:
+            shares.put(share)
         record = load_run_table(run_dir, plan["param_convention"]).completed[0]
         assert (record.params, record.tokens) == (entry["params"], entry["tokens"]), run_dir
         record = dataclasses.replace(record, name=run_dir.name, budget=entry["budget"], lr=entry["lr"], seed=seed)
