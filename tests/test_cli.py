@@ -240,8 +240,8 @@ def test_the_restarted_command_keeps_its_arguments_and_exit_status(tmp_path):
 
 
 def test_cpu_xla_defaults_choose_eigen_without_avx512_and_wide_vectors_with_it(monkeypatch):
-    """The CLI's matmul backend by CPU (experiments/bench/README.md, sixth round); a flag the user
-    set wins."""
+    """The CLI's matmul backend and vector width by CPU (experiments/bench/README.md, sixth and
+    seventh rounds); a flag the user set wins, and LMJAX_XLA_CPU_DEFAULTS=off keeps XLA's own."""
     monkeypatch.delenv("LMJAX_XLA_CPU_DEFAULTS", raising=False)
     for avx512, flags in ((False, "--foo --xla_cpu_experimental_ynn_fusion_type="),
                           (True, "--foo --xla_cpu_prefer_vector_width=512")):
