@@ -79,10 +79,11 @@ def test_values_and_gradients_equal_jax_dot_product_attention(name):
     assert_equals_reference(causal, seg_kind, kv_heads, window, scale, block_q=block_q, block_k=block_k)
 
 
-def test_default_blocks_at_a_long_ragged_length_equal_jax_dot_product_attention():
-    # The blocks the models use (block_q None: 256 rows from T = 512 on, 128-key blocks), at a length that is a
-    # multiple of neither (both padded), with GQA and packed rows.
-    assert_equals_reference(True, "packed", 1, None, None, length=600, seed=2)
+@pytest.mark.parametrize("length", [600, 1100])
+def test_default_blocks_at_a_long_ragged_length_equal_jax_dot_product_attention(length):
+    # The blocks the models use (None: 256 x 128 tiles from T = 512 on, 512 x 256 from 1,024), at lengths that
+    # are multiples of neither (both padded), with GQA and packed rows.
+    assert_equals_reference(True, "packed", 1, None, None, length=length, seed=2)
 
 
 @pytest.mark.parametrize("causal,window,block_q,block_k", [(True, None, 8, 8), (True, None, 8, 16), (True, 5, 8, 8),

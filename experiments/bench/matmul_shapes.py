@@ -1,29 +1,66 @@
-"""FLOP/s of single fp32 matmuls of the bench_cpu model's shapes against the square peak.
+"""FLOP/s of single fp32 matmuls of the bench_cpu model's shapes against the square peak, in XLA:CPU
+or in the libraries the PyTorch peer and numpy call (best of 5 timings, 200 for the small one).
 
-    python experiments/bench/matmul_shapes.py
-    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python experiments/bench/matmul_shapes.py   # Eigen, as the CLI
+    python experiments/bench/matmul_shapes.py                      # XLA, with the CLI's flags for this CPU
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python experiments/bench/matmul_shapes.py   # Eigen
+    python experiments/bench/matmul_shapes.py --backend torch      # the peer's (MKL / oneDNN)
+    python experiments/bench/matmul_shapes.py --backend numpy      # numpy's BLAS (OpenBLAS in the wheels)
 """
 
+import argparse
 import time
 
-import jax
-import jax.numpy as jnp
+from lmjax.cli import set_cpu_xla_defaults
 
 SHAPES = {  # (M, K, N) of [M, K] x [K, N]
     "square peak": (2048, 2048, 2048),
+    "square, larger": (4096, 4096, 4096),
+    "q/k/v or out projection: tokens x d_model x d_model": (4096, 384, 384),
+    "q, k and v as one: tokens x d_model x 3 d_model": (4096, 384, 1152),
     "MLP gate/up: tokens x d_model x d_ff": (4096, 384, 1024),
+    "MLP gate and up as one: tokens x d_model x 2 d_ff": (4096, 384, 2048),
     "MLP down: tokens x d_ff x d_model": (4096, 1024, 384),
     "unembedding: tokens x d_model x vocab": (4096, 384, 8192),
     "weight gradient: d_model x tokens x d_ff": (384, 4096, 1024),
     "attention logits, one head: T x head_dim x T": (256, 64, 256),
 }
-for name, (m, k, n) in SHAPES.items():
-    a, b = jnp.ones((m, k)), jnp.ones((k, n))
-    matmul = jax.jit(jnp.dot)
-    matmul(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(5 if m * n * k > 1e8 else 200):
-        t = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    print(f"{name:45s} {m}x{k}x{n}: {2 * m * k * n / best / 1e9:6.1f} GFLOP/s")
+
+
+def matmul_fn(backend: str, m: int, k: int, n: int):
+    """A no-argument function that runs one [m, k] x [k, n] product to completion."""
+    if backend == "torch":
+        import torch
+
+        a, b = torch.rand(m, k), torch.rand(k, n)
+        return lambda: a @ b
+    if backend == "numpy":
+        import numpy as np
+
+        a, b = np.random.rand(m, k).astype(np.float32), np.random.rand(k, n).astype(np.float32)
+        return lambda: a @ b
+    import jax
+    import jax.numpy as jnp
+
+    a, b, matmul = jnp.ones((m, k)), jnp.ones((k, n)), jax.jit(jnp.dot)
+    return lambda: matmul(a, b).block_until_ready()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("xla", "torch", "numpy"), default="xla")
+    args = parser.parse_args()
+    if args.backend == "xla":
+        set_cpu_xla_defaults()  # before jax starts, as the `lmjax` command does
+    for name, (m, k, n) in SHAPES.items():
+        run = matmul_fn(args.backend, m, k, n)
+        run()
+        best = float("inf")
+        for _ in range(5 if m * n * k > 1e8 else 200):
+            t = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t)
+        print(f"{name:52s} {m}x{k}x{n}: {2 * m * k * n / best / 1e9:6.1f} GFLOP/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

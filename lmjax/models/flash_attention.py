@@ -258,9 +258,25 @@ def _attention_bwd(spec: _Spec, residuals, dout_BTNH):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _default_block_q(T: int) -> int:
+    """Query rows per tile. On XLA:CPU (B*T = 4,096, N=6, H=64, forward and backward of one layer) a
+    tile's batched matmuls run faster the more rows they have (~70 GFLOP/s with 128 rows, ~110-150 with
+    256 on an AMD EPYC), which outweighs the extra masked share of the diagonal tiles once T is long:
+    256 beat 128 by 10% at T=512 and 30% at 2,048 there. From T = 1,024 on, 512 x 256 tiles beat
+    256 x 128 on an AVX-512 Xeon with XLA's YNNPACK matmuls by 20-30% (T=1,024: 240-260 against
+    312-327 ms; 2,048: 310-439 against 443-579; experiments/bench/README.md, eighth round). At T=256
+    a single 256-row block computes a third more of the causal square and is no faster."""
+    return 512 if T >= 1024 else 256 if T >= 512 else 128
+
+
+def _default_block_k(S: int) -> int:
+    """Key columns per tile: 256 from S = 1,024 on (with 512 query rows, above), 128 below."""
+    return 256 if S >= 1024 else 128
+
+
 def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, segment_ids_BT: jax.Array | None = None,
                         causal: bool = True, scale: float | None = None, local_window: int | None = None,
-                        block_q: int | None = None, block_k: int = 128) -> jax.Array:
+                        block_q: int | None = None, block_k: int | None = None) -> jax.Array:
     """softmax(scale * q k^T + mask) v, [B, T, N, H] in q's dtype; memory O(T), not O(T^2).
 
     Query i sees key j when (not causal or j <= i), (local_window is None or i - j < local_window) and,
@@ -268,11 +284,8 @@ def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     1/sqrt(H). K must divide N (query head n reads KV head n // (N / K)). Matches
     `jax.nn.dot_product_attention(..., is_causal=causal, local_window_size=(local_window - 1, 0))` with
     the segment mask; a query with no visible key gets a finite (meaningless) output, where jax's
-    gives the mean of the values. Blocks larger than the sequence are shrunk to it. `block_q` None is 256
-    from T = 512 on and 128 below: on XLA:CPU (B*T = 4,096, N=6, H=64, forward and backward) 256 x 128
-    tiles beat 128 x 128 by 10% at T=512 and 30% at 2,048, since a tile's matmuls run at ~70 GFLOP/s
-    with 128 rows and ~110-150 with 256; at T=256 the single 256-row block computes a third more of the
-    causal square and is no faster.
+    gives the mean of the values. Blocks larger than the sequence are shrunk to it; None picks them by
+    length (`_default_block_q`, `_default_block_k`).
     """
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
@@ -284,5 +297,5 @@ def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     if local_window is not None and (not causal or local_window < 1):
         raise ValueError(f"blockwise_attention: local_window needs causal=True and a window >= 1, got {local_window}")
     spec = _Spec(causal=causal, scale=1.0 / math.sqrt(H) if scale is None else float(scale), local_window=local_window,
-                 block_q=min(block_q or (256 if T >= 512 else 128), T), block_k=min(block_k, S), q_len=T, kv_len=S)
+                 block_q=min(block_q or _default_block_q(T), T), block_k=min(block_k or _default_block_k(S), S), q_len=T, kv_len=S)
     return _attention(spec, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
