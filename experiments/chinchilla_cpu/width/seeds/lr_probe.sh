@@ -17,11 +17,14 @@ base=runs/chinchilla_cpu_width_seeds/base.yaml  # width/plan.json's base config,
 import json; from lmjax.config import Config, save_config; from lmjax.config_tree import build
 save_config(build(Config, json.load(open('experiments/chinchilla_cpu/width/plan.json'))['base_config']), '$base')"
 # The plan entry's overrides but its run_dir and rate (the rates are the point of the probe).
-read -r -a overrides < <(.venv/bin/python -c "
+# (An assignment, so that set -e stops the script when the run is not in the plan.)
+line=$(.venv/bin/python -c "
 import json, sys; plan = json.load(open('experiments/chinchilla_cpu/width/plan.json'))
 entry = next((e for e in plan['runs'] if e['name'] == '$run'), None)
-sys.exit(f'$run: no such run in width/plan.json') if entry is None else None
+if entry is None:
+    sys.exit('$run: no such run in experiments/chinchilla_cpu/width/plan.json')
 print(' '.join(o for o in entry['overrides'] if not o.startswith(('run_dir=', 'optim.lr='))))")
+read -r -a overrides <<< "$line"
 core=0
 for lr in "${rates[@]}"; do
     OMP_NUM_THREADS=1 taskset -c $core .venv/bin/python -m lmjax.cli train "$base" "${overrides[@]}" "optim.lr=$lr" seed=0 \
