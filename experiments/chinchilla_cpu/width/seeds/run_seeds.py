@@ -44,19 +44,37 @@ SWEEP_DIR = Path("runs/chinchilla_cpu_width_seeds")
 SEEDS = (1, 2)
 
 
-def train(base: Path, entry: dict, seed: int, share: DeviceShare | None) -> Path:
-    """One run, pinned to `share`'s cores as `lmjax sweep --parallel` pins its runs (XLA sizes its
-    thread pools from the affinity mask: unpinned, two runs would each start a pool per core)."""
-    run_dir = SWEEP_DIR / "runs" / f"{entry['name']}_s{seed}"
+def write_base_config(plan: dict) -> Path:
+    """The plan's base config as a file `lmjax train` reads (each run adds its entry's overrides)."""
+    SWEEP_DIR.mkdir(parents=True, exist_ok=True)
+    base = SWEEP_DIR / "base.yaml"
+    save_config(build(Config, plan["base_config"]), base)
+    return base
+
+
+def train(base: Path, entry: dict, run_dir: Path, changes: list[str], share: DeviceShare | None) -> Path:
+    """The plan entry's run with `changes` (overrides applied after the entry's, so they win) into
+    `run_dir`, unless it completed there; its log beside it. Pinned to `share`'s cores as `lmjax sweep
+    --parallel` pins its runs (XLA sizes its thread pools from the affinity mask: unpinned, two runs
+    would each start a pool per core)."""
     if read_completed_summary(run_dir) is None:
         overrides = [o for o in entry["overrides"] if not o.startswith("run_dir=")]
         pinning = {} if share is None else {"env": share.environment(dict(os.environ)),
                                             "preexec_fn": partial(os.sched_setaffinity, 0, share.cpus)}
-        with (SWEEP_DIR / f"{run_dir.name}.log").open("a") as log:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with (run_dir.parent / f"{run_dir.name}.log").open("a") as log:
             subprocess.run([sys.executable, "-m", "lmjax.cli", "train", str(base), *overrides, f"run_dir={run_dir}",
-                            f"seed={seed}", "logging.progress=false"], stdout=log, stderr=subprocess.STDOUT, check=True,
+                            *changes, "logging.progress=false"], stdout=log, stderr=subprocess.STDOUT, check=True,
                            **pinning)
     return run_dir
+
+
+def core_shares(parallel: int) -> "queue.Queue[DeviceShare | None]":
+    """`parallel` disjoint shares of this process's cores (one unpinned slot for 1), to take and give back."""
+    shares = queue.Queue()
+    for share in split_devices(parallel, sorted(os.sched_getaffinity(0)), []) if parallel > 1 else [None]:
+        shares.put(share)
+    return shares
 
 
 def main() -> None:
@@ -80,20 +98,16 @@ def main() -> None:
             if entry["budget"] in budgets and f"{entry['name']}_s{seed}" not in done]
     print(f"{len(jobs)} runs to train ({len(done)} recorded in {table_csv})")
 
-    SWEEP_DIR.mkdir(parents=True, exist_ok=True)
-    base = SWEEP_DIR / "base.yaml"
-    save_config(build(Config, plan["base_config"]), base)
+    base = write_base_config(plan)
     extra = []
     lock = threading.Lock()
-    shares = queue.Queue()
-    for share in split_devices(args.parallel, sorted(os.sched_getaffinity(0)), []) if args.parallel > 1 else [None]:
-        shares.put(share)
+    shares = core_shares(args.parallel)
 
     def train_and_record(job):
         entry, seed = job
         share = shares.get()
         try:
-            run_dir = train(base, entry, seed, share)
+            run_dir = train(base, entry, SWEEP_DIR / "runs" / f"{entry['name']}_s{seed}", [f"seed={seed}"], share)
         finally:
             shares.put(share)
         record = load_run_table(run_dir, plan["param_convention"]).completed[0]
