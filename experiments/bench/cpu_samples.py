@@ -39,10 +39,13 @@ one's own processes).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import mmap
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -85,43 +88,40 @@ class PerfControl:
         self.ack.readline()
 
 
+def elf_functions(elf, wanted: str | None = None):
+    """(name, load address of its section, value, size) of an ELF64 image's function symbols, or of the
+    symbol named `wanted` whatever its kind. JIT-registered objects carry their sections' load
+    addresses; a shared library's are relative to where it is mapped."""
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize) for i in range(shnum)]
+    for table in (s for s in sections if s[1] == 2):  # SHT_SYMTAB: (name, type, flags, addr, offset, size, link, ...)
+        strings = sections[table[6]][4]
+        for offset in range(table[4], table[4] + table[5], 24):
+            name_at, info, _, index, value, size = struct.unpack_from("<IBBHQQ", elf, offset)
+            name = elf[strings + name_at:elf.find(b"\0", strings + name_at)].decode(errors="replace")
+            if name == wanted or (wanted is None and info & 0xF == 2 and size and 0 < index < shnum):  # STT_FUNC
+                yield name, sections[index][3] if index < shnum else 0, value, size
+
+
 def write_perf_map() -> int:
     """Writes /tmp/perf-PID.map from the GDB JIT interface's list of in-memory object files (the code
-    XLA:CPU compiled so far); returns the number of functions. 0 where jaxlib is not found."""
-    import ctypes
-    import struct
-
-    library = next((line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-                    if line.endswith("libjax_common.so") and line.split()[2] == "00000000"), None)
+    XLA:CPU compiled so far in this process); returns the number of functions, 0 where jaxlib's
+    library or its `__jit_debug_descriptor` is not found."""
+    mapped = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+    library = next((m for m in mapped if len(m) == 6 and m[5].endswith("/libjax_common.so") and m[2] == "00000000"), None)
     if library is None:
         return 0
-    base = int(next(line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(library)).split("-")[0], 16)
-
-    def symbols(elf: bytes, wanted=None):
-        """(name, section index, value, size) of the ELF64 symbol table's functions (or of `wanted`)."""
-        shoff, = struct.unpack_from("<Q", elf, 0x28)
-        shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
-        sections = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize) for i in range(shnum)]
-        for section in (s for s in sections if s[1] == 2):  # SHT_SYMTAB
-            strtab = sections[section[6]][4]
-            for offset in range(section[4], section[4] + section[5], 24):
-                name_at, info, _, index, value, size = struct.unpack_from("<IBBHQQ", elf, offset)
-                name = elf[strtab + name_at:elf.find(b"\0", strtab + name_at)].decode(errors="replace")
-                if (wanted is None and info & 0xF == 2 and size and 0 < index < shnum) or name == wanted:
-                    yield name, sections[index][3] if index < shnum else 0, value, size
-
-    with open(library, "rb") as f:
-        import mmap
-
-        image = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        found = next(symbols(image, "__jit_debug_descriptor"), None)
-    if found is None:
+    base = int(library[0].split("-")[0], 16)
+    with open(library[5], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as image:
+        descriptor = next(elf_functions(image, "__jit_debug_descriptor"), None)
+    if descriptor is None:
         return 0
     read = lambda address: ctypes.c_uint64.from_address(address).value  # noqa: E731
-    entry, lines = read(base + found[2] + 16), []  # jit_descriptor {u32 version, u32 flag, *relevant, *first}
-    while entry:  # jit_code_entry {*next, *prev, const char *symfile, u64 size}; sections carry load addresses
+    entry, lines = read(base + descriptor[2] + 16), []  # jit_descriptor {u32 version, u32 flag, *relevant, *first}
+    while entry:  # jit_code_entry {*next, *prev, const char *symfile, u64 size}
         elf = ctypes.string_at(read(entry + 16), read(entry + 24))
-        lines += [f"{section_address + value:x} {size:x} {name}" for name, section_address, value, size in symbols(elf)]
+        lines += [f"{address + value:x} {size:x} {name}" for name, address, value, size in elf_functions(elf)]
         entry = read(entry)
     Path(f"/tmp/perf-{os.getpid()}.map").write_text("\n".join(lines) + "\n")
     return len(lines)
