@@ -211,7 +211,12 @@ def sample_side(side: str, args: argparse.Namespace) -> dict:
                  "--steps", str(args.steps), "--times-out", str(out), *args.overrides]
         env = dict(os.environ, LMJAX_PERF_CTL=str(ctl), LMJAX_PERF_ACK=str(ack))
         perf = ["perf", "record", "-F", "999", "-D", "-1", "--control", f"fifo:{ctl},{ack}", "-o", str(data), "--", *child]
-        subprocess.run(perf, env=env, check=True, stdout=sys.stderr)
+        returncode = subprocess.run(perf, env=env, stdout=sys.stderr).returncode
+        if returncode or not out.exists():
+            paranoid = Path("/proc/sys/kernel/perf_event_paranoid")
+            raise SystemExit(f"cpu_samples: perf record of the {side} side exited with {returncode} (its messages are above; "
+                             f"perf_event_paranoid is {paranoid.read_text().strip() if paranoid.exists() else 'unknown'}, "
+                             f"sampling one's own processes needs <= 2)")
         times = json.loads(out.read_text())
         rows = perf_table(data)
         perf_map = times.pop("perf_map")
@@ -255,10 +260,19 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("needs Linux perf on the PATH (Debian: apt-get install linux-perf)")
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
-    from peer import lmjax_overrides
+    from peer import PeerError, lmjax_overrides, peer_cli_args
+
+    from lmjax.config import load_config
+    from lmjax.errors import UserError
 
     args.overrides = lmjax_overrides(args.style, args.seq_len, args.batch, args.overrides)
     sides = ("lmjax", "peer") if args.side == "both" else (args.side,)
+    try:  # bad configs fail here, in one line, not inside a child under perf
+        cfg = load_config(args.config, args.overrides)
+        if "peer" in sides:
+            peer_cli_args(cfg)
+    except (UserError, PeerError) as e:
+        p.error(str(e))
     result = {"config": args.config, "overrides": args.overrides, "steps": args.steps,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "sides": {}}
     for side in sides:
