@@ -173,18 +173,12 @@ def child_lmjax(config: str, overrides: list[str], steps: int, out: Path) -> Non
 
 
 def child_peer(config: str, overrides: list[str], steps: int, out: Path) -> None:
-    sys.path.insert(0, str(HERE))
-    import torch
     import torch_reference
     from peer import peer_cli_args
 
     from lmjax.config import load_config
 
-    a = torch_reference.parse_args(peer_cli_args(load_config(config, overrides)))
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    torch.manual_seed(a.seed)
-    step, _ = torch_reference.make_train_step(torch_reference.DecoderLM(a), a)
-    batches = torch_reference.make_batches(a)
+    _, step, _, batches, _ = torch_reference.build(torch_reference.parse_args(peer_cli_args(load_config(config, overrides))))
     for i in range(3):  # the first compiles
         step(*batches[i % len(batches)], i)
     timed_steps(lambda i: step(*batches[i % len(batches)], 3 + i), steps, out)

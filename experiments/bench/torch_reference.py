@@ -52,6 +52,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -251,8 +252,9 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def run(a: argparse.Namespace) -> dict:
-    start = time.perf_counter()
+def build(a: argparse.Namespace) -> tuple[DecoderLM, Callable, str, list, int]:
+    """The seeded model, its train step, the optimizer's name, the input batches and the thread count,
+    with torch's threads and Inductor's caches set as `a` asks."""
     threads = a.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     if a.cold_compile:  # as lmjax bench, which turns jax's persistent cache off
@@ -261,9 +263,14 @@ def run(a: argparse.Namespace) -> dict:
         inductor_config.force_disable_caches = True
     torch.manual_seed(a.seed)
     model = DecoderLM(a)
-    counts = param_counts(model)
     step, optimizer_name = make_train_step(model, a)
-    batches = make_batches(a)
+    return model, step, optimizer_name, make_batches(a), threads
+
+
+def run(a: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    model, step, optimizer_name, batches, threads = build(a)
+    counts = param_counts(model)
     losses = []
 
     t = time.perf_counter()
