@@ -229,6 +229,9 @@ class DataConfig:
     global_batch_size: int = 16  # sequences per optimizer step, over all hosts and micro-batches
     val_fraction: float = 0.02  # documents put in validation, chosen by a stable content hash
     max_documents: int | None = None  # cap on documents read (quick runs); None = all
+    # Seed of the training order and of the masking draws (mlm, span corruption); None = the run's
+    # `seed`. Apart from `seed`, it tells how much of a run-to-run spread is data order, not init.
+    seed: int | None = None
     cache_dir: str = "~/.cache/lmjax"  # tokenizers and tokenized corpora, keyed by content
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
@@ -400,6 +403,11 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def data_seed(cfg: Config) -> int:
+    """The seed of the data's order and random layouts: `data.seed`, or the run's `seed` when unset."""
+    return cfg.seed if cfg.data.seed is None else cfg.data.seed
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

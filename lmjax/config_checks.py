@@ -24,6 +24,8 @@ def validate(cfg: Config) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
+    if d.seed is not None and not 0 <= d.seed < 2**32:
+        raise ConfigError(f"data.seed must be null (the run's seed) or in [0, 2**32), got {d.seed}")
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
         _positive(getattr(m, key), f"model.{key}")
     if m.d_model % m.n_heads:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Protocol
 import grain
 import numpy as np
 
-from lmjax.config import Config
+from lmjax.config import Config, data_seed
 from lmjax.data.cache import cache_key, cached_folder, file_sha256
 from lmjax.data.corpus import DataError, load_corpus
 from lmjax.data.tokenizer import Tokenizer, get_tokenizer
@@ -295,6 +295,6 @@ def build_data(cfg: Config, layout: Callable[[Tokenizer], RowLayout] | None = No
         validation=validation,
         seq_len=seq_len,
         global_batch_size=cfg.data.global_batch_size,
-        seed=cfg.seed,
+        seed=data_seed(cfg),
         layout=row_layout,
     )

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lmjax.config import Config
+from lmjax.config import Config, data_seed
 from lmjax.data.chat import Chat, ChatTemplate, Preference, parse_chat, parse_preference, preference_expected, sft_expected
 from lmjax.data.corpus import DataError
 from lmjax.data.examples import ExampleData, ExampleSet, Packing, example_stats, load_examples, pack_examples, place
@@ -191,7 +191,7 @@ def _finish(cfg: Config, corpus: ExampleSet, tokenizer, train, val, what: str, s
         empty = f"{'data.val_paths' if corpus.val_from_files else 'validation'}: {too_long(val)}"
     return ExampleData(
         tokenizer=tokenizer, fingerprint=corpus.fingerprint, stats=example_stats(cfg, train, val, tokens_per_row),
-        train=train, validation=val, seq_len=cfg.data.seq_len, global_batch_size=cfg.data.global_batch_size, seed=cfg.seed,
+        train=train, validation=val, seq_len=cfg.data.seq_len, global_batch_size=cfg.data.global_batch_size, seed=data_seed(cfg),
         layout=example_rows(cfg, section), empty_validation=empty,
     )
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from lmjax.config import Config, Seq2SeqConfig
+from lmjax.config import Config, Seq2SeqConfig, data_seed
 from lmjax.data.cache import cache_key, cached_folder, file_sha256
 from lmjax.data.corpus import DataError
 from lmjax.data.examples import ExampleData, ExampleSet, Packing, example_stats, load_examples, pack_examples, place, string_field
@@ -198,5 +198,5 @@ def build_pair_data(cfg: Config) -> ExampleData:
     stats = example_stats(cfg, train, val, tokens_per_row=seq_len + s.target_len)
     return ExampleData(
         tokenizer=tokenizer, fingerprint=corpus.fingerprint, stats=stats, train=train, validation=val, seq_len=seq_len,
-        global_batch_size=cfg.data.global_batch_size, seed=cfg.seed, layout=Seq2SeqRows(s), empty_validation=empty,
+        global_batch_size=cfg.data.global_batch_size, seed=data_seed(cfg), layout=Seq2SeqRows(s), empty_validation=empty,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.config import data_seed
 from lmjax.data.masking import MaskedRows, MaskingTables
 from lmjax.tasks.base import Task, target_token_sums
 
@@ -20,7 +21,7 @@ class MLMTask(Task):
 
     def layout(self, tokenizer):
         tables = MaskingTables(tokenizer, self.cfg.mlm, self.cfg.data.tokenizer.special_tokens)
-        return MaskedRows(self.cfg.mlm, tables, self.cfg.seed)
+        return MaskedRows(self.cfg.mlm, tables, data_seed(self.cfg))
 
     def loss(self, params, frozen, batch, model):
         logits_BLV, state = model.apply({"params": params}, *self.model_inputs(batch), mutable=["intermediates"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lmjax.config import data_seed
 from lmjax.tasks.base import Batch, Task, target_token_sums
 
 ENCODER_KEYS = ("encoder_tokens", "encoder_segment_ids", "encoder_positions")
@@ -66,7 +67,7 @@ class SpanCorruptionTask(EncoderDecoderTask):
     def layout(self, tokenizer):
         from lmjax.data.span_corruption import SpanCorruptionRows
 
-        return SpanCorruptionRows(self.cfg.span_corruption, tokenizer, self.cfg.seed)
+        return SpanCorruptionRows(self.cfg.span_corruption, tokenizer, data_seed(self.cfg))
 
     def eval_constants(self, data):
         """Sentinels stand for no text of the document: zero bytes in bits per byte (their pieces'
