@@ -2,8 +2,8 @@
 (width/plan.json) trained with the initialisation of one seed and the data order of another
 (`seed=I data.seed=D`); everything else is the plan's run. The plan's own seed runs are the
 diagonal (I = D). Each run on its own core, two at a time as run_seeds.py runs its pairs; a
-finished run is not trained again. Prints name,init_seed,data_seed,loss,loss_stderr (the rows of
-seed_split.csv).
+finished run is not trained again. Writes seed_split.csv in this folder: every finished run under
+runs/seed_split (name,run,init_seed,data_seed,changes,loss,loss_stderr), these and earlier ones.
 
     .venv/bin/python experiments/chinchilla_cpu/width/seeds/seed_split.py [--run NAME] [--pairs I:D ...]
         [--parallel N] [--changes KEY=VALUE ...]
@@ -14,12 +14,13 @@ same pairs); they are part of the run's name.
 """
 
 import argparse
+import csv
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from run_seeds import WIDTH, core_shares, train, write_base_config  # this folder's, on sys.path as the script's
+from run_seeds import HERE, WIDTH, core_shares, train, write_base_config  # this folder's, on sys.path as the script's
 
 from lmjax.fileio import read_completed_summary
 
@@ -56,18 +57,36 @@ def main() -> None:
     def split(pair: tuple[int, int]) -> Path:
         init, data = pair
         share = shares.get()
+        run_dir = SPLIT_DIR / run_name(args.run, init, data, args.changes)
+        run_dir.mkdir(parents=True, exist_ok=True)  # what the run is, for the table
+        (run_dir / "split.json").write_text(json.dumps(
+            {"run": args.run, "init_seed": init, "data_seed": data, "changes": " ".join(args.changes)}))
         try:  # after the entry's own overrides, so these win
-            return train(base, entry, SPLIT_DIR / run_name(args.run, init, data, args.changes),
-                         [f"seed={init}", f"data.seed={data}", *args.changes], share)
+            return train(base, entry, run_dir, [f"seed={init}", f"data.seed={data}", *args.changes], share)
         finally:
             shares.put(share)
 
     with ThreadPoolExecutor(args.parallel) as pool:
-        run_dirs = list(pool.map(split, args.pairs))
-    print("name,init_seed,data_seed,loss,loss_stderr")
-    for (init, data), run_dir in zip(args.pairs, run_dirs):
+        list(pool.map(split, args.pairs))
+    write_table(HERE / "seed_split.csv")
+
+
+def write_table(path: Path) -> None:
+    """Every finished run under SPLIT_DIR, its seeds and changes read back from its own config.yaml."""
+    rows = []
+    for run_dir in sorted(p for p in SPLIT_DIR.iterdir() if p.is_dir()):
         summary = read_completed_summary(run_dir)
-        print(f"{run_dir.name},{init},{data},{summary['final_eval_loss']},{summary['final_eval_loss_stderr']}")
+        if summary is None:
+            continue
+        entry = json.loads((run_dir / "split.json").read_text())
+        rows.append({"name": run_dir.name, **entry, "loss": summary["final_eval_loss"],
+                     "loss_stderr": summary["final_eval_loss_stderr"]})
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["name", "run", "init_seed", "data_seed", "changes", "loss", "loss_stderr"])
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        print(f"{row['name']}: {row['loss']:.4f}")
 
 
 if __name__ == "__main__":
