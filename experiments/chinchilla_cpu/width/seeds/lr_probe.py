@@ -9,13 +9,11 @@ law's rate 0.0075) at the 2e12 grid's best rate for its size (0.016) and between
 """
 
 import argparse
-import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from run_seeds import WIDTH, core_shares, train, write_base_config  # this folder's, on sys.path as the script's
+from run_seeds import core_shares, plan_entry, train, write_base_config  # this folder's, on sys.path as the script's
 
 from lmjax.fileio import read_completed_summary
 
@@ -27,10 +25,7 @@ def main() -> None:
     parser.add_argument("--run", default="C8e12_N93080", help="a run name of width/plan.json")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.016, 0.0113], help="learning rates to try")
     args = parser.parse_args()
-    plan = json.loads((WIDTH / "plan.json").read_text())
-    entry = next((e for e in plan["runs"] if e["name"] == args.run), None)
-    if entry is None:
-        sys.exit(f"--run {args.run}: no such run in {WIDTH / 'plan.json'}")
+    plan, entry = plan_entry(args.run)
     base = write_base_config(plan)
     shares = core_shares(min(len(args.lrs), len(os.sched_getaffinity(0))))
 

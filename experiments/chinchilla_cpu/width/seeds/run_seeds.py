@@ -44,6 +44,15 @@ SWEEP_DIR = Path("runs/chinchilla_cpu_width_seeds")
 SEEDS = (1, 2)
 
 
+def plan_entry(name: str) -> tuple[dict, dict]:
+    """width/plan.json and its run `name` (a one-line exit for a name it does not have)."""
+    plan = json.loads((WIDTH / "plan.json").read_text())
+    entry = next((e for e in plan["runs"] if e["name"] == name), None)
+    if entry is None:
+        sys.exit(f"--run {name}: no such run in {WIDTH / 'plan.json'}")
+    return plan, entry
+
+
 def write_base_config(plan: dict) -> Path:
     """The plan's base config as a file `lmjax train` reads (each run adds its entry's overrides)."""
     SWEEP_DIR.mkdir(parents=True, exist_ok=True)

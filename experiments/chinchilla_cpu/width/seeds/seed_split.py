@@ -16,11 +16,10 @@ same pairs); they are part of the run's name.
 import argparse
 import csv
 import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from run_seeds import HERE, WIDTH, core_shares, train, write_base_config  # this folder's, on sys.path as the script's
+from run_seeds import HERE, core_shares, plan_entry, train, write_base_config  # this folder's, on sys.path as the script's
 
 from lmjax.fileio import read_completed_summary
 
@@ -47,10 +46,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at once, one core each")
     parser.add_argument("--changes", nargs="*", default=[], help="overrides added to every run")
     args = parser.parse_args()
-    plan = json.loads((WIDTH / "plan.json").read_text())
-    entry = next((e for e in plan["runs"] if e["name"] == args.run), None)
-    if entry is None:
-        sys.exit(f"--run {args.run}: no such run in {WIDTH / 'plan.json'}")
+    plan, entry = plan_entry(args.run)
     base = write_base_config(plan)
     shares = core_shares(args.parallel)
 
