@@ -10,6 +10,7 @@ import pytest
 from lmjax import cli
 from lmjax.api import load_model
 from lmjax.config import replace
+from lmjax.data import build_data
 from lmjax.evaluate import evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +28,7 @@ def test_loss_by_position_matches_logits_and_eval(tmp_path, tiny_overrides):
     # api numbers positions from the row start, not from each document's: RoPE's scores depend on
     # position differences only, and attention stays inside a document, so the losses agree.
     model = load_model(run)
-    data = context_profile.load_run(run, ["data.global_batch_size=16"]).setup.task.build_data(
-        replace(model.config, **{"data.tokenizer.path": str(run / "tokenizer.model"), "data.global_batch_size": 16}))
+    data = build_data(replace(model.config, **{"data.tokenizer.path": str(run / "tokenizer.model"), "data.global_batch_size": 16}))
     sums, counts = {}, {}
     for batch in data.eval_batches(2):
         logits = np.asarray(model.logits(batch["tokens"], attention_mask=batch["segment_ids"]), np.float64)
