@@ -6,7 +6,8 @@ few tokens? Prints one line per run and writes the table as JSON.
         [--out FILE.json]
 
 Each run is read at its latest checkpoint, with its own tokenizer, on the first `--rows` rows
-(seq_len tokens each) of its validation split, in the order the final eval reads them. Positions
+(seq_len tokens each, rounded up to whole batches of 16) of its validation split, in the order
+the final eval reads them (`--rows 7813` at seq_len 128: the 1M tokens of the sweeps' final eval). Positions
 restart at each document start and at each row start (`lmjax.data.pipeline`), so position p means
 p tokens of the same document are visible. `context_gain` is the mean loss at positions 16-31
 minus that at 64-127: how much a run gains from a long context over a short one.
