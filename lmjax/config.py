@@ -11,7 +11,6 @@ one line and exits non-zero.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from lmjax.config_tree import (  # noqa: F401
     set_path,
     to_dict,
 )
-from lmjax.config_checks import MESH_AXES, validate  # noqa: F401
+from lmjax.config_checks import MESH_AXES, resolve_mesh_shape, validate  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -430,28 +429,3 @@ def config_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(config_yaml(cfg))
-
-
-def resolve_mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:
-    """Mesh axis sizes for `n_devices`, with -1 filled in; checks the batch divides evenly."""
-    sizes = {k: getattr(cfg.mesh, k) for k in MESH_AXES}
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    for k, v in sizes.items():
-        if v == -1:
-            if n_devices % fixed:
-                raise ConfigError(
-                    f"mesh: cannot fill mesh.{k}: the other axes ({fixed} devices) do not divide the {n_devices} devices"
-                )
-            sizes[k] = n_devices // fixed
-    product = math.prod(sizes.values())
-    if product != n_devices:
-        shape = " x ".join(f"{k}={v}" for k, v in sizes.items())
-        raise ConfigError(f"mesh: {shape} = {product} devices, but {n_devices} are available; set one axis to -1 to fill")
-    batch_parallel = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-    micro = cfg.data.global_batch_size // cfg.train.microbatches
-    if micro % batch_parallel:
-        raise ConfigError(
-            f"data.global_batch_size ({cfg.data.global_batch_size}) / train.microbatches ({cfg.train.microbatches}) = {micro} "
-            f"must be divisible by the data-parallel size data*fsdp*expert = {batch_parallel}"
-        )
-    return sizes

@@ -1,9 +1,9 @@
-"""Validation of a `Config` that needs no devices (`lmjax.config.resolve_mesh_shape` does the
-device-dependent checks). Every failure is a one-line `ConfigError` naming the key and what was
-expected."""
+"""Validation of a `Config`: `validate` needs no devices, `resolve_mesh_shape` fits the mesh to the
+devices there are. Every failure is a one-line `ConfigError` naming the key and what was expected."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from lmjax.config_tree import ConfigError
@@ -243,3 +243,28 @@ def _validate_post_training(cfg: Config) -> None:
             raise ConfigError(f"dpo.label_smoothing must be in (0, 0.5) with dpo.loss=conservative, got {p.label_smoothing}")
         if cfg.train.z_loss:
             raise ConfigError("train.z_loss is a language-modelling regulariser; train.objective=dpo does not apply it: set it to 0")
+
+
+def resolve_mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:
+    """Mesh axis sizes for `n_devices`, with -1 filled in; checks the batch divides evenly."""
+    sizes = {k: getattr(cfg.mesh, k) for k in MESH_AXES}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    for k, v in sizes.items():
+        if v == -1:
+            if n_devices % fixed:
+                raise ConfigError(
+                    f"mesh: cannot fill mesh.{k}: the other axes ({fixed} devices) do not divide the {n_devices} devices"
+                )
+            sizes[k] = n_devices // fixed
+    product = math.prod(sizes.values())
+    if product != n_devices:
+        shape = " x ".join(f"{k}={v}" for k, v in sizes.items())
+        raise ConfigError(f"mesh: {shape} = {product} devices, but {n_devices} are available; set one axis to -1 to fill")
+    batch_parallel = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    micro = cfg.data.global_batch_size // cfg.train.microbatches
+    if micro % batch_parallel:
+        raise ConfigError(
+            f"data.global_batch_size ({cfg.data.global_batch_size}) / train.microbatches ({cfg.train.microbatches}) = {micro} "
+            f"must be divisible by the data-parallel size data*fsdp*expert = {batch_parallel}"
+        )
+    return sizes

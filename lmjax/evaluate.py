@@ -109,6 +109,12 @@ def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices
     return LoadedRun(cfg, setup, params, frozen, step)
 
 
+def run_data(run: LoadedRun, run_dir: Path):
+    """The run's task data, tokenized by the run's own tokenizer: with another one the loss would be
+    meaningless."""
+    return run.setup.task.build_data(replace(run.cfg, **{"data.tokenizer.path": str(run_dir / "tokenizer.model")}))
+
+
 def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), batches: int | None = None,
                  step: int | None = None) -> dict[str, float]:
     from lmjax import sharding
@@ -119,8 +125,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), bat
         raise CheckpointError(missing_tokenizer(run_dir))
     run = load_run(run_dir, overrides, step=step)
     setup = run.setup
-    # The run's own tokenizer: evaluating with another one would make the loss meaningless.
-    data = setup.task.build_data(replace(run.cfg, **{"data.tokenizer.path": str(run_dir / "tokenizer.model")}))
+    data = run_data(run, run_dir)
     setup.task.prepare(data, setup, run.params, run_dir, fresh=False)
     n = batches or run.cfg.train.eval_batches
     eval_batches = [setup.global_batch(b) for b in data.eval_batches(n, jax.process_index(), jax.process_count())]

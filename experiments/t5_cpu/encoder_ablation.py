@@ -16,15 +16,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lmjax.config import replace
-from lmjax.evaluate import evaluate, eval_constants, load_run
+from lmjax.evaluate import evaluate, eval_constants, load_run, run_data
 from lmjax.tasks.seq2seq import ENCODER_KEYS
 
 
 def ablation(run_dir: Path) -> dict:
     run = load_run(run_dir, [f"mesh.{axis}=1" for axis in ("data", "fsdp", "tensor", "expert")], devices=jax.devices()[:1])
     setup = run.setup
-    data = setup.task.build_data(replace(run.cfg, **{"data.tokenizer.path": str(run_dir / "tokenizer.model")}))
+    data = run_data(run, run_dir)
     batches = data.eval_batches(run.cfg.train.eval_batches)
     other = [{k: np.roll(v, 1, axis=0) if k in ENCODER_KEYS else v for k, v in b.items()} for b in batches]
     constants, step = eval_constants(setup, data), setup.eval_step()

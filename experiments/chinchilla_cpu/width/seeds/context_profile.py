@@ -23,8 +23,7 @@ import jax
 import numpy as np
 
 from lmjax import sharding
-from lmjax.config import replace
-from lmjax.evaluate import load_run, reader_overrides
+from lmjax.evaluate import load_run, reader_overrides, run_data
 
 BUCKETS = ((0, 4), (4, 16), (16, 32), (32, 64), (64, 128), (128, None))
 BATCH_ROWS = 16
@@ -37,7 +36,7 @@ def profile(run_dir: Path, rows: int) -> dict:
     setup, task = run.setup, run.setup.task
     if not hasattr(task, "token_losses"):
         raise SystemExit(f"{run_dir}: train.objective={run.cfg.train.objective} has no next-token losses to profile")
-    data = task.build_data(replace(run.cfg, **{"data.tokenizer.path": str(run_dir / "tokenizer.model")}))
+    data = run_data(run, run_dir)
     token_losses = jax.jit(lambda params, batch: task.token_losses(params, batch, setup.model)[0])
     sums, counts = np.zeros(len(BUCKETS)), np.zeros(len(BUCKETS))
     edges = np.array([start for start, _ in BUCKETS[1:]])

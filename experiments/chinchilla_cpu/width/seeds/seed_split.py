@@ -68,7 +68,7 @@ def main() -> None:
 
 
 def write_table(path: Path) -> None:
-    """Every finished run under SPLIT_DIR, its seeds and changes read back from its own config.yaml."""
+    """Every finished run under SPLIT_DIR, with the seeds and changes its split.json records."""
     rows = []
     for run_dir in sorted(p for p in SPLIT_DIR.iterdir() if p.is_dir()):
         summary = read_completed_summary(run_dir)
