@@ -2,7 +2,11 @@
 fit and the held-out prediction with each setting at its three seeds' aggregate.
 
     .venv/bin/python experiments/chinchilla_cpu/width/seeds/run_seeds.py [--parallel 2] [--budgets 3.2e13 ...]
-        [--seed-aggregate mean|median]
+        [--seed-aggregate mean|median] [--seeds 1 2] [--study experiments/chinchilla_cpu/short]
+
+`--study` names another study's folder (its committed plan.json and runs.csv): its seeds then go to
+runs/<its sweep_dir's name>_seeds and its table, fit and plots to <study>/seeds. What follows is said
+of the default study, the fourth design (`width/`).
 
 Each run is the committed plan's (`width/plan.json`: its base config plus the run's overrides, so
 the same shape, steps, learning rate and schedule) with `seed=1` or `seed=2`, trained by `lmjax
@@ -53,10 +57,10 @@ def plan_entry(name: str) -> tuple[dict, dict]:
     return plan, entry
 
 
-def write_base_config(plan: dict) -> Path:
+def write_base_config(plan: dict, sweep_dir: Path = SWEEP_DIR) -> Path:
     """The plan's base config as a file `lmjax train` reads (each run adds its entry's overrides)."""
-    SWEEP_DIR.mkdir(parents=True, exist_ok=True)
-    base = SWEEP_DIR / "base.yaml"
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    base = sweep_dir / "base.yaml"
     save_config(build(Config, plan["base_config"]), base)
     return base
 
@@ -93,21 +97,32 @@ def main() -> None:
                         help="budgets to seed (default: every budget above the smallest, the learning-rate grid)")
     parser.add_argument("--seed-aggregate", choices=SEED_AGGREGATES, default="mean",
                         help="how a setting's seeds become one point of the fit")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds to train beside seed 0")
+    parser.add_argument("--study", type=Path, default=WIDTH,
+                        help="the study's folder: its plan.json and runs.csv (default: the fourth design's)")
     args = parser.parse_args()
-    plan = json.loads((WIDTH / "plan.json").read_text())
+    study = args.study
+    if not (study / "plan.json").is_file() or not (study / "runs.csv").is_file():
+        sys.exit(f"--study {study}: expected a study folder with plan.json and runs.csv")
+    if any(seed <= 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        sys.exit(f"--seeds: expected distinct integers > 0 (seed 0 is the study's own run), got {args.seeds}")
+    out = HERE if study.resolve() == WIDTH.resolve() else study / "seeds"
+    plan = json.loads((study / "plan.json").read_text())
+    sweep_dir = Path(f"{plan['sweep_dir'].rstrip('/')}_seeds")
     budgets = args.budgets or sorted(plan["budgets"])[1:]
     if unknown := sorted(set(budgets) - set(plan["budgets"])):
-        sys.exit(f"--budgets: {unknown} are not budgets of width/plan.json (expected some of {plan['budgets']})")
-    table_csv = HERE / "runs.csv" if (HERE / "runs.csv").is_file() else WIDTH / "runs.csv"
+        sys.exit(f"--budgets: {unknown} are not budgets of {study / 'plan.json'} (expected some of {plan['budgets']})")
+    out.mkdir(parents=True, exist_ok=True)
+    table_csv = out / "runs.csv" if (out / "runs.csv").is_file() else study / "runs.csv"
     recorded = load_run_table(table_csv, plan["param_convention"]).completed
     done = {r.name for r in recorded}
     # Largest budgets first: the seeds nearest the held-out budget matter most to its prediction, and
     # long runs first pack the parallel slots best; an interrupted study has its top budgets complete.
-    jobs = [(entry, seed) for entry in sorted(plan["runs"], key=lambda e: -e["budget"]) for seed in SEEDS
+    jobs = [(entry, seed) for entry in sorted(plan["runs"], key=lambda e: -e["budget"]) for seed in args.seeds
             if entry["budget"] in budgets and f"{entry['name']}_s{seed}" not in done]
     print(f"{len(jobs)} runs to train ({len(done)} recorded in {table_csv})")
 
-    base = write_base_config(plan)
+    base = write_base_config(plan, sweep_dir)
     extra = []
     lock = threading.Lock()
     shares = core_shares(args.parallel)
@@ -116,7 +131,7 @@ def main() -> None:
         entry, seed = job
         share = shares.get()
         try:
-            run_dir = train(base, entry, SWEEP_DIR / "runs" / f"{entry['name']}_s{seed}", [f"seed={seed}"], share)
+            run_dir = train(base, entry, sweep_dir / "runs" / f"{entry['name']}_s{seed}", [f"seed={seed}"], share)
         finally:
             shares.put(share)
         record = load_run_table(run_dir, plan["param_convention"]).completed[0]
@@ -124,16 +139,16 @@ def main() -> None:
         record = dataclasses.replace(record, name=run_dir.name, budget=entry["budget"], lr=entry["lr"], seed=seed)
         with lock:  # each finished run is written at once, so an interrupted study keeps what it trained
             extra.append(record)
-            _write_runs_csv(HERE / "runs.csv", recorded + sorted(extra, key=lambda r: r.name))
+            _write_runs_csv(out / "runs.csv", recorded + sorted(extra, key=lambda r: r.name))
             print(f"{run_dir.name}: {record.loss:.4f}", flush=True)
 
     with ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(train_and_record, jobs))
 
-    table = load_run_table(HERE / "runs.csv", plan["param_convention"], seed_aggregate=args.seed_aggregate)
-    fit = run_fit(HERE / "runs.csv", out_dir=HERE, param_convention=plan["param_convention"], table=table)
+    table = load_run_table(out / "runs.csv", plan["param_convention"], seed_aggregate=args.seed_aggregate)
+    fit = run_fit(out / "runs.csv", out_dir=out, param_convention=plan["param_convention"], table=table)
     print(f"seeds aggregated by their {args.seed_aggregate}; Approach 3 a = {fit['approach3']['a']}")
-    print_prediction(predict_holdout(table, SWEEP_DIR, max(plan["budgets"]), plan["param_convention"]), SWEEP_DIR)
+    print_prediction(predict_holdout(table, sweep_dir, max(plan["budgets"]), plan["param_convention"]), sweep_dir)
 
 
 if __name__ == "__main__":
