@@ -28,7 +28,7 @@ def main() -> None:
     if not (args.study / "fit.json").is_file() or not (args.study / "runs.csv").is_file():
         sys.exit(f"{args.study}: expected a study folder with fit.json and runs.csv")
     fit = json.loads((args.study / "fit.json").read_text())
-    law = ScalingLaw(**{k: fit["approach3"][k]["value"] for k in ("E", "A", "B", "alpha", "beta")})
+    law = ScalingLaw.from_fit(fit)
     runs = load_run_table(args.study / "runs.csv", fit["param_convention"]).runs
     print("budget,params,tokens,loss,log_loss_over_law")
     residuals = []

@@ -55,6 +55,14 @@ class ScalingLaw:
     beta: float
 
     @classmethod
+    def from_fit(cls, fit: dict) -> ScalingLaw:
+        """Approach 3's law from a fit.json dict (FitInputError if the fit has none)."""
+        approach3 = fit.get("approach3", {})
+        if "skipped" in approach3 or "E" not in approach3:
+            raise FitInputError(f"the fit has no Approach 3 law ({approach3.get('skipped', 'missing')})")
+        return cls(**{k: approach3[k]["value"] for k in ("E", "A", "B", "alpha", "beta")})
+
+    @classmethod
     def from_theta(cls, theta: np.ndarray) -> ScalingLaw:
         a, b, e, alpha, beta = (float(v) for v in theta)
         with np.errstate(over="ignore"):  # a degenerate optimum (log A in the hundreds) gives A = inf, not a crash
@@ -414,10 +422,7 @@ def fit_scaling_laws(runs: list[RunRecord], param_convention: str = "total", see
 
 def predict(fit: dict, C) -> dict:
     """Approach 3's compute-optimal N, D and predicted loss at compute C, from a fit.json dict."""
-    approach3 = fit.get("approach3", {})
-    if "skipped" in approach3 or "E" not in approach3:
-        raise FitInputError(f"predict: the fit has no Approach 3 law ({approach3.get('skipped', 'missing')})")
-    law = ScalingLaw(**{k: approach3[k]["value"] for k in ("E", "A", "B", "alpha", "beta")})
+    law = ScalingLaw.from_fit(fit)
     n_opt, d_opt = law.compute_optimal(C)
     as_output = float if np.ndim(C) == 0 else np.asarray
     return {"C": C, "N_opt": as_output(n_opt), "D_opt": as_output(d_opt), "loss": as_output(law.loss(n_opt, d_opt))}

@@ -223,7 +223,7 @@ def predict_holdout(table, out_dir: Path, largest: float, param_convention: str 
     best = min(held, key=lambda r: r.loss)
     flops_per_param_token = best.flops / (best.params * best.tokens) if best.flops else 6.0
     predicted = predict(fit, largest * 6.0 / flops_per_param_token)
-    law = ScalingLaw(**{k: fit["approach3"][k]["value"] for k in ("E", "A", "B", "alpha", "beta")})
+    law = ScalingLaw.from_fit(fit)
     prediction = {
         "C": largest,
         "C_6ND": largest * 6.0 / flops_per_param_token,

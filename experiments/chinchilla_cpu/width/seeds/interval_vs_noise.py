@@ -32,8 +32,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="synthetic studies per noise level")
     parser.add_argument("--bootstrap", type=int, default=200)
     args = parser.parse_args()
-    fitted = json.loads((HERE / "fit.json").read_text())["approach3"]
-    law = ScalingLaw(**{k: fitted[k]["value"] for k in ("E", "A", "B", "alpha", "beta")})
+    law = ScalingLaw.from_fit(json.loads((HERE / "fit.json").read_text()))
     design = load_run_table(HERE.parent / "runs.csv", "total").runs
     seeded = load_run_table(HERE / "runs.csv", "total").runs
     scatter = float(np.sqrt(np.mean([np.log(r.loss / law.loss(r.params, r.tokens)) ** 2 for r in seeded])))

@@ -106,7 +106,7 @@ def main() -> None:
         sys.exit(f"--study {study}: expected a study folder with plan.json and runs.csv")
     if any(seed <= 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         sys.exit(f"--seeds: expected distinct integers > 0 (seed 0 is the study's own run), got {args.seeds}")
-    out = HERE if study.resolve() == WIDTH.resolve() else study / "seeds"
+    out = study / "seeds"  # HERE for the default study
     plan = json.loads((study / "plan.json").read_text())
     sweep_dir = Path(f"{plan['sweep_dir'].rstrip('/')}_seeds")
     budgets = args.budgets or sorted(plan["budgets"])[1:]
