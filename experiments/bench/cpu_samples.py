@@ -143,45 +143,23 @@ def timed_steps(run_step, steps: int, out: Path) -> None:
 
 
 def child_lmjax(config: str, overrides: list[str], steps: int, out: Path) -> None:
-    from lmjax.cli import restart_with_hugepage_malloc, set_cpu_xla_defaults
+    from steps import lmjax_step  # beside this file, as peer.py
 
-    # As `lmjax bench` runs (profile_step.py does the same): huge-page malloc, the CLI's XLA defaults.
-    restart_with_hugepage_malloc(sys.argv[1:], program=[os.path.abspath(__file__)])
-    set_cpu_xla_defaults()
-    import jax
-
-    from lmjax import sharding
-    from lmjax.bench import compile_step, prepare
-    from lmjax.config import load_config
-
-    cfg = load_config(config, overrides)
-    jax.config.update("jax_enable_compilation_cache", False)
-    setup, train_iter, batches = prepare(cfg, 4)
-    with sharding.activate(setup.mesh, setup.rules):
-        state, compiled, _ = compile_step(setup, cfg.seed, batches[0])
-        holder = {"state": state}
-
-        def run_step(i: int) -> None:
-            holder["state"], metrics = compiled(holder["state"], batches[i % len(batches)])
-            jax.block_until_ready(metrics)
-
-        for i in range(2):
-            run_step(i)
-        print(f"perf map: {write_perf_map()} JIT-compiled functions of XLA named", file=sys.stderr)
-        timed_steps(run_step, steps, out)
-    train_iter.close()
+    run_step, close = lmjax_step(config, overrides, __file__)
+    for i in range(2):
+        run_step(i)
+    print(f"perf map: {write_perf_map()} JIT-compiled functions of XLA named", file=sys.stderr)
+    timed_steps(run_step, steps, out)
+    close()
 
 
 def child_peer(config: str, overrides: list[str], steps: int, out: Path) -> None:
-    import torch_reference
-    from peer import peer_cli_args
+    from steps import peer_step
 
-    from lmjax.config import load_config
-
-    _, step, _, batches, _ = torch_reference.build(torch_reference.parse_args(peer_cli_args(load_config(config, overrides))))
+    run_step = peer_step(config, overrides)
     for i in range(3):  # the first compiles
-        step(*batches[i % len(batches)], i)
-    timed_steps(lambda i: step(*batches[i % len(batches)], 3 + i), steps, out)
+        run_step(i)
+    timed_steps(lambda i: run_step(3 + i), steps, out)
 
 
 def perf_table(data: Path) -> list[tuple[float, str, str]]:
@@ -229,7 +207,7 @@ def sample_side(side: str, args: argparse.Namespace) -> dict:
         "element_wise_cpu_s_per_step": cpu * sum(share for name, share in by_category.items() if name.startswith("element-wise")),
         "categories": {name: {"share": share, "cpu_s_per_step": share * cpu}
                        for name, share in sorted(by_category.items(), key=lambda kv: -kv[1])},
-        "top_symbols": [{"percent": p * 100 / total, "dso": d, "symbol": s[:160]} for p, d, s in rows[:25]],
+        "top_symbols": [{"percent": p * 100 / total, "dso": d, "symbol": s[:160]} for p, d, s in rows[:args.top]],
     }
 
 
@@ -243,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=10, help="timed (sampled) steps")
     p.add_argument("--out", default=None, help="write both sides' tables as JSON")
+    p.add_argument("--top", type=int, default=25, help="how many of the hottest symbols to keep per side")
     p.add_argument("--child", choices=("lmjax", "peer"), help=argparse.SUPPRESS)
     p.add_argument("--times-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
