@@ -133,6 +133,8 @@ def validate(cfg: Config) -> None:
     for k, v in sizes.items():
         if v == 0 or v < -1:
             raise ConfigError(f"mesh.{k} must be a positive size or -1, got {v}")
+    if cfg.mesh.cpu_devices is not None and cfg.mesh.cpu_devices < 1:
+        raise ConfigError(f"mesh.cpu_devices must be a positive number of devices or null, got {cfg.mesh.cpu_devices}")
     for rule in cfg.mesh.rules:
         if len(rule) != 2:
             raise ConfigError(f"mesh.rules: each rule is [logical_axis, mesh_axes], got {list(rule)}")

@@ -279,7 +279,10 @@ def peak_flops_with_record(device: Any = None, dtype: Any = "float32", remeasure
     if device.platform == "cpu":
         record = cpu_peak.cpu_peak_record(dtype_name, remeasure=remeasure, quick=quick)
         source = "measured-cpu-matmul-quick" if record.get("quick") else "measured-cpu-matmul"
-        return record["flops_per_sec"], source, {**record, "summary": cpu_peak.describe(record)}
+        # Measured over every usable core: the process's CPU devices (mesh.cpu_devices) share it.
+        shared_by = jax.local_device_count("cpu")
+        summary = cpu_peak.describe(record) + (f"; shared by {shared_by} CPU devices" if shared_by > 1 else "")
+        return record["flops_per_sec"] / shared_by, source, {**record, "cpu_devices": shared_by, "summary": summary}
     chip = chip_for_device_kind(device.device_kind)
     record = {"method": "published dense peak (lmjax.flops.PEAK_FLOPS)", "device_kind": device.device_kind, "dtype": dtype_name}
     if chip is None:

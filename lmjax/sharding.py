@@ -18,8 +18,24 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from lmjax.config import MESH_AXES, Config, ConfigError, resolve_mesh_shape
 
 
+def use_cpu_devices(cfg: Config) -> None:
+    """Gives JAX's CPU backend `cfg.mesh.cpu_devices` devices, before its backends start; once they
+    have, a CPU backend with another count is a ConfigError (too late to change, and a mesh over
+    other devices than the config asked for). Unset, or a GPU/TPU backend: nothing to do."""
+    wanted = cfg.mesh.cpu_devices
+    if wanted is None:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", wanted)
+    except RuntimeError:  # the backends have started
+        if jax.default_backend() == "cpu" and jax.local_device_count() != wanted:
+            raise ConfigError(f"mesh.cpu_devices={wanted}, but JAX's CPU backend already started with {jax.local_device_count()} "
+                              f"devices: set it before the process's first JAX computation (the lmjax commands do), or leave it null")
+
+
 def make_mesh(cfg: Config, devices: list[jax.Device] | None = None) -> Mesh:
     """Mesh over `devices` (default: all) with the axis sizes of `cfg.mesh` (-1 filled in)."""
+    use_cpu_devices(cfg)
     devices = list(devices if devices is not None else jax.devices())
     sizes = resolve_mesh_shape(cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)

@@ -29,6 +29,7 @@ from lmjax.config import load_yaml, Config, load_config, replace
         (["mesh.data=3"], "mesh: data=3 x fsdp=1 x tensor=1 x expert=1 = 3 devices, but 8 are available"),
         (["mesh.data=8", "data.global_batch_size=12"], "data.global_batch_size (12) / train.microbatches (1) = 12 must be divisible by the data-parallel size data*fsdp*expert = 8"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "mesh: only one axis may be -1"),
+        (["mesh.cpu_devices=0"], "mesh.cpu_devices must be a positive number of devices or null, got 0"),
     ],
 )
 def test_config_errors_name_the_key(overrides, expected, tmp_path, capsys):
@@ -261,3 +262,32 @@ def test_cpu_xla_defaults_choose_eigen_without_avx512_and_wide_vectors_with_it(m
     monkeypatch.setenv("XLA_FLAGS", "--foo")
     cli.set_cpu_xla_defaults()
     assert os.environ["XLA_FLAGS"] == "--foo"
+
+
+def test_cpu_devices_splits_the_cores_into_that_many_devices(tmp_path, tiny_overrides):
+    """`mesh.cpu_devices` is applied before JAX starts (here over the 8 devices XLA_FLAGS asks for), the
+    mesh spans those devices, and the run is the same data-parallel computation: the losses of the
+    first steps equal an in-process run's over this process's 8 devices."""
+    from lmjax.train.loop import train
+
+    overrides = [*tiny_overrides, "train.steps=2", "train.checkpoint_every=2"]
+    subprocess.run([sys.executable, "-m", "lmjax.cli", "train", "configs/dense_tiny.yaml", *overrides,
+                    "mesh.cpu_devices=2", f"run_dir={tmp_path / 'two'}"], check=True, capture_output=True, text=True)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["devices"] == 2
+    reference = train(load_config("configs/dense_tiny.yaml", [*overrides, f"run_dir={tmp_path / 'eight'}"]))
+    assert reference["devices"] == 8
+    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("two", "eight")]
+    losses = [[r["loss"] for r in run if "loss" in r] for run in records]  # the train records, steps 1 and 2
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_cpu_devices_cannot_change_a_started_backend():
+    """In a process whose CPU backend has started (8 devices here), the same count passes and another
+    is one clear error, not a mesh over other devices than the config asked for."""
+    from lmjax.config import ConfigError
+    from lmjax.sharding import use_cpu_devices
+
+    use_cpu_devices(load_config("configs/dense_tiny.yaml", ["mesh.cpu_devices=8"]))
+    with pytest.raises(ConfigError, match=r"mesh.cpu_devices=2, but JAX's CPU backend already started with 8 devices"):
+        use_cpu_devices(load_config("configs/dense_tiny.yaml", ["mesh.cpu_devices=2"]))

@@ -183,7 +183,10 @@ def test_peak_records_say_how_they_were_found(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_peak, "CPU_PEAK_CACHE", tmp_path / "cpu_peak.json")
     fake = {"backend": "eigen", "results": [{"size": 64, "route": "eigen", "flops_per_sec": [3e10]}]}
     monkeypatch.setattr(cpu_peak, "measure_backend", lambda name, *args, **kwargs: {**fake, "backend": name})
+    # One host-wide measurement: each of this process's CPU devices (8 here) gets its share of it.
+    devices = jax.local_device_count()
     peak, source, record = flops.peak_flops_with_record(jax.local_devices()[0], "float32")
-    assert (peak, source) == (3e10, "measured-cpu-matmul") and record["best"]["size"] == 64
+    assert (peak, source) == (3e10 / devices, "measured-cpu-matmul") and record["best"]["size"] == 64
     assert record["summary"].startswith("30.0 GFLOP/s float32, measured: best of")
-    assert flops.peak_flops_per_device(jax.local_devices()[0], "float32") == (3e10, "measured-cpu-matmul")
+    assert record["cpu_devices"] == devices and record["summary"].endswith(f"; shared by {devices} CPU devices")
+    assert flops.peak_flops_per_device(jax.local_devices()[0], "float32") == (3e10 / devices, "measured-cpu-matmul")
