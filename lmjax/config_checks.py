@@ -247,6 +247,9 @@ def _validate_post_training(cfg: Config) -> None:
             raise ConfigError("train.z_loss is a language-modelling regulariser; train.objective=dpo does not apply it: set it to 0")
 
 
+CPU_DEVICES_HINT = " (on a CPU, mesh.cpu_devices=N splits its cores into N devices)"
+
+
 def resolve_mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:
     """Mesh axis sizes for `n_devices`, with -1 filled in; checks the batch divides evenly."""
     sizes = {k: getattr(cfg.mesh, k) for k in MESH_AXES}
@@ -255,13 +258,13 @@ def resolve_mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:
         if v == -1:
             if n_devices % fixed:
                 raise ConfigError(
-                    f"mesh: cannot fill mesh.{k}: the other axes ({fixed} devices) do not divide the {n_devices} devices"
+                    f"mesh: cannot fill mesh.{k}: the other axes ({fixed} devices) do not divide the {n_devices} devices{CPU_DEVICES_HINT}"
                 )
             sizes[k] = n_devices // fixed
     product = math.prod(sizes.values())
     if product != n_devices:
         shape = " x ".join(f"{k}={v}" for k, v in sizes.items())
-        raise ConfigError(f"mesh: {shape} = {product} devices, but {n_devices} are available; set one axis to -1 to fill")
+        raise ConfigError(f"mesh: {shape} = {product} devices, but {n_devices} are available; set one axis to -1 to fill{CPU_DEVICES_HINT}")
     batch_parallel = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     micro = cfg.data.global_batch_size // cfg.train.microbatches
     if micro % batch_parallel:
