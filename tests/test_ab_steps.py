@@ -1,5 +1,5 @@
-"""experiments/bench/ab_steps.py: its variants are parsed into environment and lmjax overrides, bad
-ones give one line, and two variants' steps compare round by round."""
+"""experiments/bench/ab_steps.py: its variants are parsed into environment and lmjax overrides, and
+bad ones (and bad options) give one line before any child process starts."""
 
 import importlib.util
 import subprocess
