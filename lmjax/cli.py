@@ -30,12 +30,7 @@ def _config_path(arg: str) -> Path:
 def _load(args) -> "Config":  # noqa: F821
     from lmjax.config import load_config
 
-    cfg = load_config(_config_path(args.config), args.overrides)
-    if cfg.mesh.cpu_devices is not None:  # before anything starts JAX's backends
-        from lmjax.sharding import use_cpu_devices
-
-        use_cpu_devices(cfg)
-    return cfg
+    return load_config(_config_path(args.config), args.overrides)
 
 
 def set_cpu_xla_defaults() -> None:

@@ -365,8 +365,9 @@ class MeshConfig:
     # CPU backend only: split this process's cores into this many XLA devices, which the axes above
     # then span (jax_num_cpu_devices; the devices share the cores): a sharded run on a laptop without
     # XLA_FLAGS, and on a 2-core machine 0-5% faster steps with 2 (experiments/bench/README.md, tenth
-    # round). null: JAX's own count (1, or XLA_FLAGS' --xla_force_host_platform_device_count). The
-    # lmjax commands apply it before JAX starts; where JAX has started, it must already match.
+    # round). null: JAX's own count (1, or XLA_FLAGS' --xla_force_host_platform_device_count). Applied
+    # when the mesh is made, before JAX starts; where JAX has started, it must already match. Readers
+    # of a run (eval, generate, export) use the devices they have.
     cpu_devices: int | None = None
     # Logical axis -> mesh axes. A logical axis is sharded over the first of its mesh axes not
     # already used by another dimension of the same array (flax's rule resolution).

@@ -77,8 +77,9 @@ class LoadedRun:
 
 def reader_overrides(n_devices: int) -> list[str]:
     """A mesh any number of devices can hold for reading a run (parameters replicated, one row per
-    device), whatever mesh it trained on; a reader's own overrides (e.g. mesh.fsdp=-1) go after."""
-    mesh = ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1"]
+    device), whatever mesh it trained on, over the devices this process has (not the run's
+    mesh.cpu_devices); a reader's own overrides (e.g. mesh.fsdp=-1) go after."""
+    mesh = ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1", "mesh.cpu_devices=null"]
     return [*mesh, f"data.global_batch_size={n_devices}", "train.microbatches=1"]
 
 
@@ -91,6 +92,7 @@ def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices
     cfg = load_config(config_path, overrides)
     if not (run_dir / "checkpoints").is_dir():
         raise CheckpointError(f"{run_dir} has no checkpoints/ folder; train it first")
+    setup = ModelSetup.build(cfg, devices)  # before the checkpointer starts JAX: the run's mesh.cpu_devices
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, read_only=True)
     steps = checkpointer.all_steps()
     if not steps:
@@ -100,7 +102,6 @@ def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices
         checkpointer.close()
         raise CheckpointError(f"{run_dir} has no checkpoint of step {step}; it has steps {', '.join(map(str, steps))}")
     step = max(steps) if step is None else step
-    setup = ModelSetup.build(cfg, devices)
     abstract = setup.factory.abstract()
     try:  # parameters (and a task's frozen state) only: readers have no use for the optimizer state
         params, frozen = checkpointer.restore_params(step, abstract.params, abstract.frozen)

@@ -19,7 +19,8 @@ from lmjax.config import MESH_AXES, Config, ConfigError, resolve_mesh_shape
 
 
 def use_cpu_devices(cfg: Config) -> None:
-    """Gives JAX's CPU backend `cfg.mesh.cpu_devices` devices, before its backends start; once they
+    """Gives JAX's CPU backend `cfg.mesh.cpu_devices` devices, before its backends start (`make_mesh`
+    calls it: in the lmjax commands the mesh is the first thing that needs a device); once they
     have, a CPU backend with another count is a ConfigError (too late to change, and a mesh over
     other devices than the config asked for). Unset, or a GPU/TPU backend: nothing to do."""
     wanted = cfg.mesh.cpu_devices
@@ -34,8 +35,10 @@ def use_cpu_devices(cfg: Config) -> None:
 
 
 def make_mesh(cfg: Config, devices: list[jax.Device] | None = None) -> Mesh:
-    """Mesh over `devices` (default: all) with the axis sizes of `cfg.mesh` (-1 filled in)."""
-    use_cpu_devices(cfg)
+    """Mesh over `devices` (default: all, `cfg.mesh.cpu_devices` of them on a CPU) with the axis sizes
+    of `cfg.mesh` (-1 filled in)."""
+    if devices is None:
+        use_cpu_devices(cfg)
     devices = list(devices if devices is not None else jax.devices())
     sizes = resolve_mesh_shape(cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)

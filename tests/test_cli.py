@@ -268,6 +268,7 @@ def test_cpu_devices_splits_the_cores_into_that_many_devices(tmp_path, tiny_over
     """`mesh.cpu_devices` is applied before JAX starts (here over the 8 devices XLA_FLAGS asks for), the
     mesh spans those devices, and the run is the same data-parallel computation: the losses of the
     first steps equal an in-process run's over this process's 8 devices."""
+    from lmjax.evaluate import evaluate_run
     from lmjax.train.loop import train
 
     overrides = [*tiny_overrides, "train.steps=2", "train.checkpoint_every=2"]
@@ -280,6 +281,11 @@ def test_cpu_devices_splits_the_cores_into_that_many_devices(tmp_path, tiny_over
     records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("two", "eight")]
     losses = [[r["loss"] for r in run if "loss" in r] for run in records]  # the train records, steps 1 and 2
     assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # `lmjax eval` of the run makes its mesh again, over 2 devices (its checkpointer must not start JAX first).
+    evaluated = subprocess.run([sys.executable, "-m", "lmjax.cli", "eval", str(tmp_path / "two"), "--batches", "1"],
+                               check=True, capture_output=True, text=True)
+    eval_loss = json.loads(evaluated.stdout.strip().splitlines()[-1])["eval_loss"]
+    assert eval_loss == pytest.approx(evaluate_run(tmp_path / "eight", batches=1)["eval_loss"], rel=1e-5)
 
 
 def test_cpu_devices_cannot_change_a_started_backend():
