@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lmjax import sharding
 from lmjax.config import Config, load_config, replace
 from lmjax.errors import CheckpointError
 from lmjax.tasks import Task
@@ -92,7 +93,8 @@ def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices
     cfg = load_config(config_path, overrides)
     if not (run_dir / "checkpoints").is_dir():
         raise CheckpointError(f"{run_dir} has no checkpoints/ folder; train it first")
-    setup = ModelSetup.build(cfg, devices)  # before the checkpointer starts JAX: the run's mesh.cpu_devices
+    if devices is None:  # the mesh over all devices is made below, after the checkpointer has started JAX
+        sharding.use_cpu_devices(cfg)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, read_only=True)
     steps = checkpointer.all_steps()
     if not steps:
@@ -102,6 +104,7 @@ def load_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), devices
         checkpointer.close()
         raise CheckpointError(f"{run_dir} has no checkpoint of step {step}; it has steps {', '.join(map(str, steps))}")
     step = max(steps) if step is None else step
+    setup = ModelSetup.build(cfg, devices)
     abstract = setup.factory.abstract()
     try:  # parameters (and a task's frozen state) only: readers have no use for the optimizer state
         params, frozen = checkpointer.restore_params(step, abstract.params, abstract.frozen)
@@ -118,8 +121,6 @@ def run_data(run: LoadedRun, run_dir: Path):
 
 def evaluate_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), batches: int | None = None,
                  step: int | None = None) -> dict[str, float]:
-    from lmjax import sharding
-
     if not (run_dir / "tokenizer.model").is_file() and (run_dir / "config.yaml").is_file():
         from lmjax.config_source import missing_tokenizer
 
