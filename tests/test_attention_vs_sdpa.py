@@ -1,0 +1,41 @@
+"""experiments/bench/attention_vs_sdpa.py: it checks lmjax's attention against PyTorch's SDPA (output and
+gradients) before it times anything, and that check fails on a wrong result."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")  # the [test] extra installs it; the tool compares against it
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "bench" / "attention_vs_sdpa.py"
+
+
+def test_it_times_attention_that_matches_torch(tmp_path):
+    out = tmp_path / "attention.json"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--batch", "2", "--seq-len", "96", "--heads", "2",
+                             "--head-dim", "16", "--rounds", "2", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["variants"]) == {"lmjax_blockwise", "jax_dot_product_attention", "torch_sdpa"}
+    assert all(len(v["times_ms"]) == 2 for v in report["variants"].values())
+    assert report["variants"]["torch_sdpa"]["ratio_to_torch"] == 1.0
+    assert 0 < max(report["max_abs_difference_from_torch"].values()) < 1e-4
+
+
+def test_the_check_fails_on_a_wrong_gradient():
+    spec = importlib.util.spec_from_file_location("bench_attention_vs_sdpa", SCRIPT)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    reference = [np.ones((2, 3), np.float32) for _ in range(4)]
+    wrong = [a.copy() for a in reference]
+    wrong[2][1, 1] += 1e-3  # dk off in one entry
+    assert tool.check_against_torch({"torch_sdpa": reference, "ok": [a.copy() for a in reference]}) == {"ok": 0.0}
+    with pytest.raises(SystemExit, match="wrong differs from PyTorch's SDPA by 1.00e-03"):
+        tool.check_against_torch({"torch_sdpa": reference, "wrong": wrong})
