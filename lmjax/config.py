@@ -139,8 +139,9 @@ class ModelConfig:
     remat: str = choices("none", "full", "dots", default="none")
     scan_layers: bool = True  # stack layers with nn.scan: compile time independent of depth
     # Attention kernel for training and eval: xla (jax.nn.dot_product_attention) everywhere, cudnn (flash) on GPU,
-    # blockwise (lmjax/models/flash_attention.py: pure-JAX flash attention, memory linear in seq_len).
-    attention: str = choices("xla", "cudnn", "blockwise", default="xla")
+    # blockwise (lmjax/models/flash_attention.py: flash attention, memory linear in seq_len; float32 on a CPU runs
+    # in a native kernel, lmjax/models/attention_cpu.cc), blockwise_xla (the same in XLA ops only, on every backend).
+    attention: str = choices("xla", "cudnn", "blockwise", "blockwise_xla", default="xla")
     # causal_lm/sft: fused readout + cross-entropy in chunks of this many tokens, keeping no fp32 [tokens, V] logits (fused_cross_entropy.py)
     loss_chunk_tokens: int | None = None  # None: full logits
     moe: MoEConfig = field(default_factory=MoEConfig)  # read when family is moe

@@ -179,9 +179,9 @@ def _validate_t5(cfg: Config) -> None:
         if m.attention == "cudnn":
             raise ConfigError("model.attention=cudnn is not available for model.family=t5 (its relative position biases "
                               "are untested in the cuDNN kernel); use model.attention=xla")
-        if m.attention == "blockwise":
-            raise ConfigError("model.attention=blockwise has no effect for model.family=t5 (its self-attention adds relative "
-                              "position biases, which the blockwise kernel does not take); use model.attention=xla")
+        if m.attention in ("blockwise", "blockwise_xla"):
+            raise ConfigError(f"model.attention={m.attention} has no effect for model.family=t5 (its self-attention adds "
+                              "relative position biases, which the blockwise kernel does not take); use model.attention=xla")
         _positive(m.relative_buckets, "model.relative_buckets")
         if m.relative_buckets % 2:
             raise ConfigError(f"model.relative_buckets must be even (half per direction in the encoder), got {m.relative_buckets}")

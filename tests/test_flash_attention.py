@@ -55,7 +55,7 @@ CASES = {  # name: (causal, segment kind, kv heads, window, scale, block_q, bloc
 }
 
 
-def assert_equals_reference(causal, seg_kind, kv_heads, window, scale, length=T, seed=0, **blocks):
+def assert_equals_reference(causal, seg_kind, kv_heads, window, scale, length=T, seed=0, cpu_kernel=True, **blocks):
     """blockwise_attention's values and q/k/v gradients equal jax's on random inputs of `length`."""
     keys = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(keys[0], (B, length, N, H))
@@ -65,7 +65,7 @@ def assert_equals_reference(causal, seg_kind, kv_heads, window, scale, length=T,
     want, want_grads = values_and_grads(lambda q, k, v: reference(q, k, v, seg, causal, scale, window), q, k, v, w)
     got, got_grads = values_and_grads(
         (lambda q, k, v: blockwise_attention(q, k, v, segment_ids_BT=None if seg is None else jnp.asarray(seg), causal=causal,
-                                                    scale=scale, local_window=window, **blocks)), q, k, v, w)
+                                                    scale=scale, local_window=window, cpu_kernel=cpu_kernel, **blocks)), q, k, v, w)
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     for name_, g, g_want in zip("qkv", got_grads, want_grads):
@@ -73,17 +73,22 @@ def assert_equals_reference(causal, seg_kind, kv_heads, window, scale, length=T,
         np.testing.assert_allclose(g, g_want, atol=2e-5, rtol=1e-5, err_msg=f"d{name_}")
 
 
+# Both implementations: float32 on the CPU runs in the native kernel (cpu_kernels; its own tiles, so the
+# blocks below apply to the XLA ops only), cpu_kernel=False in XLA ops.
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["kernel", "xla"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_values_and_gradients_equal_jax_dot_product_attention(name):
+def test_values_and_gradients_equal_jax_dot_product_attention(name, cpu_kernel):
     causal, seg_kind, kv_heads, window, scale, block_q, block_k = CASES[name]
-    assert_equals_reference(causal, seg_kind, kv_heads, window, scale, block_q=block_q, block_k=block_k)
+    assert_equals_reference(causal, seg_kind, kv_heads, window, scale, cpu_kernel=cpu_kernel, block_q=block_q, block_k=block_k)
 
 
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["kernel", "xla"])
 @pytest.mark.parametrize("length", [600, 1100])
-def test_default_blocks_at_a_long_ragged_length_equal_jax_dot_product_attention(length):
-    # The blocks the models use (None: 256 x 128 tiles from T = 512 on, 512 x 256 from 1,024), at lengths that
-    # are multiples of neither (both padded), with GQA and packed rows.
-    assert_equals_reference(True, "packed", 1, None, None, length=length, seed=2)
+def test_default_blocks_at_a_long_ragged_length_equal_jax_dot_product_attention(length, cpu_kernel):
+    # The blocks the models use (XLA: 256 x 128 tiles from T = 512 on, 512 x 256 from 1,024; the kernel:
+    # cpu_kernels.BLOCK_Q x BLOCK_K), at lengths that are multiples of none (ragged last tiles), with GQA
+    # and packed rows.
+    assert_equals_reference(True, "packed", 1, None, None, length=length, seed=2, cpu_kernel=cpu_kernel)
 
 
 @pytest.mark.parametrize("causal,window,block_q,block_k", [(True, None, 8, 8), (True, None, 8, 16), (True, 5, 8, 8),

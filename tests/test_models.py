@@ -140,7 +140,8 @@ def loss_and_grads(model, params, tokens):
 
 
 @pytest.mark.parametrize("remat,scan,attention", [("full", True, "xla"), ("dots", True, "xla"), ("full", False, "xla"),
-                                                   ("dots", True, "blockwise"), ("dots", False, "blockwise")])
+                                                   ("dots", True, "blockwise"), ("dots", False, "blockwise"),
+                                                   ("full", True, "blockwise_xla")])
 def test_remat_keeps_loss_and_gradients(remat, scan, attention):
     base, params = init_params(tiny(scan_layers=scan, attention=attention))
     rematted = build_model(tiny(scan_layers=scan, remat=remat, attention=attention))
@@ -151,13 +152,18 @@ def test_remat_keeps_loss_and_gradients(remat, scan, attention):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads, grads_r)
 
 
-def attention_tile_matmuls(remat: str) -> int:
-    """Matmuls between 5-d tiles ([B, K, G, Q, H] x [B, K, C, H], blockwise attention's) in the
-    lowered gradient program of a tiny blockwise decoder."""
-    model, params = init_params(tiny(attention="blockwise", remat=remat))
+def gradient_program(attention: str, remat: str) -> str:
+    """The lowered gradient program of a tiny decoder."""
+    model, params = init_params(tiny(attention=attention, remat=remat))
     tokens = random_tokens((2, 9))
     loss = lambda p: jnp.sum(model.apply({"params": p}, tokens))  # noqa: E731
-    text = jax.jit(jax.grad(loss)).lower(params).as_text()
+    return jax.jit(jax.grad(loss)).lower(params).as_text()
+
+
+def attention_tile_matmuls(remat: str) -> int:
+    """Matmuls between 5-d tiles ([B, K, G, Q, H] x [B, K, C, H], blockwise attention's XLA ops) in the
+    lowered gradient program of a tiny blockwise decoder."""
+    text = gradient_program("blockwise_xla", remat)
     return sum(1 for line in text.splitlines() if "stablehlo.dot_general" in line and re.search(r"tensor<\d+x\d+x\d+x\d+x\d+xf32>", line))
 
 
@@ -167,6 +173,15 @@ def test_remat_dots_keeps_blockwise_attentions_output_instead_of_rerunning_it():
     assert attention_tile_matmuls("none") == 7
     assert attention_tile_matmuls("dots") == 7
     assert attention_tile_matmuls("full") == 9
+
+
+def test_remat_dots_keeps_the_cpu_kernels_output_instead_of_rerunning_it():
+    # The native kernel's residuals carry the same checkpoint names: one forward call per layer call
+    # (the layers are scanned: one in the program) unless remat=full reruns it in the backward.
+    forward_calls = lambda remat: gradient_program("blockwise", remat).count("custom_call @lmjax_attention_cpu_forward(")  # noqa: E731
+    assert forward_calls("none") == 1
+    assert forward_calls("dots") == 1
+    assert forward_calls("full") == 2
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -47,6 +47,7 @@ def jax_variants() -> dict:
     """name -> attention(q, k, v, segment_ids) on [B, T, N, H]."""
     return {
         "lmjax_blockwise": lambda q, k, v, seg: blockwise_attention(q, k, v, segment_ids_BT=seg),
+        "lmjax_blockwise_xla": lambda q, k, v, seg: blockwise_attention(q, k, v, segment_ids_BT=seg, cpu_kernel=False),
         "jax_dot_product_attention": lambda q, k, v, seg: jax.nn.dot_product_attention(q, k, v, is_causal=True),
     }
 

@@ -202,8 +202,9 @@ class Attention(nn.Module):
     (`is_causal=True`); packed rows (segment_ids given) add a dense [B, 1, T, T] boolean mask,
     which jax turns into an additive bias for cuDNN. cuDNN needs a GPU, bf16/fp16 inputs,
     head_dim a multiple of 8 (<= 256 on Hopper, 128 before) and, with that bias, an even length.
-    With "blockwise", `flash_attention.blockwise_attention` (same masks, memory linear in T); a score
-    bias (T5) falls back to jax's kernel.
+    With "blockwise", `flash_attention.blockwise_attention` (same masks, memory linear in T; float32 on a
+    CPU in its native kernel), with "blockwise_xla" the same in XLA ops only; a score bias (T5) falls back
+    to jax's kernel.
 
     Decode (`decode=True`): keys and values are written into the 'cache' collection
     (cached_key/cached_value [B, S_max, K, H], cached_valid [B, S_max], cache_index = tokens already
@@ -234,9 +235,10 @@ class Attention(nn.Module):
         if self.decode:
             k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, segment_ids_BT)
             out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_B1TS, scale=attention_scale(cfg))
-        elif cfg.attention == "blockwise" and bias_BNTS is None:
+        elif cfg.attention in ("blockwise", "blockwise_xla") and bias_BNTS is None:
             out_BTNH = blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT, causal=self.causal,
-                                           scale=attention_scale(cfg), local_window=cfg.sliding_window if self.causal else None)
+                                           scale=attention_scale(cfg), local_window=cfg.sliding_window if self.causal else None,
+                                           cpu_kernel=cfg.attention == "blockwise")
         else:
             mask_B1TT = None if segment_ids_BT is None else (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
             out_BTNH = jax.nn.dot_product_attention(

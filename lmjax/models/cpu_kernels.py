@@ -1,0 +1,192 @@
+"""Native CPU kernels (XLA FFI), compiled on first use for the machine they run on.
+
+`attention_cpu.cc` is FlashAttention-2 for XLA:CPU in float32: the pure-JAX blockwise attention
+(flash_attention.py) cannot keep a tile's scores in cache between its matmuls and softmax, because
+XLA:CPU does not fuse a matmul with the element-wise work around it. The source is compiled with
+the system C++ compiler (`$CXX`, else g++) against jaxlib's FFI headers, with `-march=native`, into
+`~/.cache/lmjax/kernels/<key>/` (`LMJAX_KERNEL_CACHE` overrides the folder), keyed by the source,
+the flags, jaxlib's version and the CPU's instruction-set flags, and published atomically
+(lmjax.data.cache), so concurrent processes build it at most once each and never load half a file.
+
+Without a compiler the build fails once, with a warning naming the cause, and callers fall back to
+the pure-JAX path (`available()` is False).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
+
+from lmjax.data.cache import cache_key, cached_folder, file_sha256
+
+SOURCE = Path(__file__).with_name("attention_cpu.cc")
+FORWARD_TARGET, BACKWARD_TARGET = "lmjax_attention_cpu_forward", "lmjax_attention_cpu_backward"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def _cpu_flags() -> str:
+    """The instruction-set flags of this CPU (what -march=native compiles for)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise KernelBuildError(f"no C++ compiler: {cxx!r} is not on PATH (set CXX or install g++)")
+    return cxx
+
+
+def build() -> Path:
+    """The compiled shared library, built now if this machine has none cached."""
+    cxx = _compiler()
+    include = jax.ffi.include_dir()
+    key = cache_key(source=file_sha256(SOURCE), flags=FLAGS, cxx=cxx, jaxlib=jaxlib.__version__, cpu=_cpu_flags())
+
+    def compile_into(folder: Path) -> None:
+        cmd = [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(folder / "attention_cpu.so")]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelBuildError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-2000:]}")
+
+    cache = os.environ.get("LMJAX_KERNEL_CACHE", "~/.cache/lmjax")
+    folder, _ = cached_folder(cache, "kernels", key, compile_into)
+    return folder / "attention_cpu.so"
+
+
+@functools.cache
+def _load() -> bool:
+    """Builds (if needed), loads and registers the FFI targets once per process."""
+    library = ctypes.cdll.LoadLibrary(str(build()))
+    jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.LmjaxAttentionForward), platform="cpu")
+    jax.ffi.register_ffi_target(BACKWARD_TARGET, jax.ffi.pycapsule(library.LmjaxAttentionBackward), platform="cpu")
+    return True
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the CPU attention kernel is registered; warns once (naming why) when it cannot be."""
+    try:
+        return _load()
+    except (KernelBuildError, OSError, AttributeError) as e:
+        warnings.warn(f"lmjax: the native CPU attention kernel is unavailable, using the pure-JAX blockwise path: {e}",
+                      stacklevel=2)
+        return False
+
+
+# --- attention -------------------------------------------------------------------------------------
+
+# Tile sizes of the kernel (query rows x key columns). Measured on a 2-vCPU AVX-512 Xeon at B*T = 4,096,
+# N = 6, H = 64 (experiments/bench/README.md, twelfth round).
+BLOCK_Q, BLOCK_K = 64, 128
+
+
+def _ffi_attributes(causal: bool, scale: float, local_window: int | None, has_segments: bool) -> dict:
+    return dict(causal=causal, scale=np.float32(scale), window=np.int64(local_window or 0), has_segments=has_segments,
+                block_q=np.int64(BLOCK_Q), block_k=np.int64(BLOCK_K))
+
+
+def _segments_operand(segment_ids_BT: jax.Array | None) -> jax.Array:
+    return jnp.zeros((1, 1), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+
+
+def _forward(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+    B, T, N, _ = q_BTNH.shape
+    out_types = (jax.ShapeDtypeStruct(q_BTNH.shape, jnp.float32), jax.ShapeDtypeStruct((B, N, T), jnp.float32))
+    call = jax.ffi.ffi_call(FORWARD_TARGET, out_types, vmap_method="sequential")
+    return call(q_BTNH, k_BSKH, v_BSKH, _segments_operand(segment_ids_BT), **_ffi_attributes(*static, segment_ids_BT is not None))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+    return _forward(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)[0]
+
+
+def _attention_fwd(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+    from lmjax.models.flash_attention import ATTENTION_LSE, ATTENTION_OUT
+
+    out_BTNH, lse_BNT = _forward(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    # The names blockwise attention's residuals have, so `model.remat: dots` keeps these too.
+    out_BTNH, lse_BNT = checkpoint_name(out_BTNH, ATTENTION_OUT), checkpoint_name(lse_BNT, ATTENTION_LSE)
+    return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, out_BTNH, lse_BNT)
+
+
+def _attention_bwd(static, residuals, dout_BTNH):
+    q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, out_BTNH, lse_BNT = residuals
+    out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q_BTNH, k_BSKH, v_BSKH))
+    call = jax.ffi.ffi_call(BACKWARD_TARGET, out_types, vmap_method="sequential")
+    dq, dk, dv = call(q_BTNH, k_BSKH, v_BSKH, _segments_operand(segment_ids_BT), out_BTNH, lse_BNT,
+                      dout_BTNH.astype(jnp.float32), **_ffi_attributes(*static, segment_ids_BT is not None))
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _mesh_specs(mesh, q_shape: tuple[int, ...], kv_shape: tuple[int, ...]) -> tuple[P, P] | None:
+    """(q spec, k/v spec) of the attention inputs under the active logical-axis rules when the kernel
+    can run per shard: batch and heads may be split, evenly (shard_map has no padding) and query and
+    KV heads over the same axes (a shard keeps whole GQA groups); sequence and head_dim may not.
+    None otherwise."""
+    q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
+    kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))
+    if q_spec[1] or q_spec[3] or kv_spec[1] or kv_spec[3] or q_spec[0] != kv_spec[0] or q_spec[2] != kv_spec[2]:
+        return None
+
+    def shards(axes) -> int:
+        return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+
+    if any(shape[d] % shards(spec[d]) for spec, shape in ((q_spec, q_shape), (kv_spec, kv_shape)) for d in (0, 2)):
+        return None
+    return q_spec, kv_spec
+
+
+def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array | None, *,
+              causal: bool, scale: float, local_window: int | None) -> jax.Array | None:
+    """The kernel's softmax(scale * q k^T + mask) v with `flash_attention.blockwise_attention`'s
+    semantics and residuals, or None where it does not apply: not float32, not compiling for the CPU,
+    a mesh it cannot split over (see `_mesh_specs`), inside shard_map, or no compiler."""
+    if any(x.dtype != jnp.float32 for x in (q_BTNH, k_BSKH, v_BSKH)) or jax.default_backend() != "cpu":
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.manual_axes:
+        return None
+    specs = None if mesh.empty or mesh.size == 1 else _mesh_specs(mesh, q_BTNH.shape, k_BSKH.shape)
+    if not (mesh.empty or mesh.size == 1) and specs is None:
+        return None
+    if not available():
+        return None
+    fn = functools.partial(_attention, (causal, float(scale), local_window))
+    if specs is None:
+        return fn(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    q_spec, kv_spec = specs
+    if segment_ids_BT is None:
+        per_shard = jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec),
+                                  out_specs=q_spec, check_vma=False)
+        return per_shard(q_BTNH, k_BSKH, v_BSKH)
+    per_shard = jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)), out_specs=q_spec,
+                              check_vma=False)
+    return per_shard(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
