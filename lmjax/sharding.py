@@ -104,3 +104,43 @@ def host_batch_to_global(batch: dict[str, np.ndarray], shardings: dict[str, Name
     if unexpected:
         raise ValueError(f"batch keys {sorted(batch)} do not match the task's batch schema {sorted(shardings)}")
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+
+def per_shard(fn, logical_axes: tuple[tuple[str | None, ...], ...], out_axes: tuple[str | None, ...], *,
+              whole: tuple[str, ...] = ()):
+    """`fn` run on each device's shard (jax.shard_map) of arrays whose dimensions carry `logical_axes`
+    (one tuple per argument; the output's are `out_axes`), under the active mesh and logical-axis rules:
+    for computations XLA's partitioner cannot split itself (a custom call). Returns a callable with
+    `fn`'s signature, or None where the rules split a logical axis of `whole`, the arrays do not split
+    evenly (shard_map does not pad), or the computation is already inside a shard_map. Without a mesh,
+    or on one device, `fn` itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn
+    if mesh.manual_axes:
+        return None
+    specs = [nn.logical_to_mesh_axes(axes) for axes in logical_axes]
+    if any(spec[d] for axes, spec in zip(logical_axes, specs) for d, name in enumerate(axes) if name in whole):
+        return None
+
+    def shards(mesh_axes) -> int:
+        return int(np.prod([mesh.shape[a] for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ())]))
+
+    def runner(*args):
+        for x, spec in zip(args, specs):
+            if any(size % shards(mesh_axes) for size, mesh_axes in zip(x.shape, spec)):
+                return None
+        return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=nn.logical_to_mesh_axes(out_axes),
+                             check_vma=False)(*args)
+
+    return runner
+
+
+def splits(logical_axis: str) -> bool:
+    """Whether the active mesh and logical-axis rules split `logical_axis` over more than one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return False
+    mesh_axes = nn.logical_to_mesh_axes((logical_axis,))[0]
+    names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()
+    return int(np.prod([mesh.shape[a] for a in names])) > 1

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmjax import sharding
 from lmjax.config import ConfigError, load_config
 from lmjax.models import ModelInputError, build_model
 from lmjax.models.fused_cross_entropy import fused_cross_entropy, fused_cross_entropy_loss
@@ -69,6 +70,23 @@ def test_values_and_gradients_equal_the_plain_computation(n_tokens, chunk, w_lay
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
     for got, want in ((dx, dx_ref), (dw, dw_ref)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("mesh_overrides", [[], ["mesh.data=4", "mesh.tensor=2"]], ids=["unsplit", "vocab_split"])
+def test_target_logit_outside_the_vocabulary_is_zero_and_a_vocab_split_mesh_gives_the_same(mesh_overrides):
+    # The target logit is a gather where the vocabulary is on one device and the one-hot's masked sum
+    # where a mesh splits it (tensor=2 splits the vocab axis); both count a target outside [0, V) as 0.
+    x_ND, w_DV, targets_N = inputs(64)
+    targets_N = targets_N.at[:3].set(jnp.array([-1, V, -100]))
+    fused = jax.jit(lambda x, w: fused_cross_entropy(x, w, targets_N, chunk_tokens=32))
+    cfg = load_config(None, mesh_overrides)
+    with sharding.activate(sharding.make_mesh(cfg), sharding.axis_rules(cfg)):
+        assert sharding.splits("vocab") == bool(mesh_overrides)
+        ce_N, log_z_N = fused(x_ND, w_DV)
+    np.testing.assert_allclose(ce_N[:3], log_z_N[:3], rtol=1e-6)
+    want_ce, want_log_z = plain_cross_entropy(x_ND[3:], w_DV, targets_N[3:])
+    np.testing.assert_allclose(ce_N[3:], want_ce, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(log_z_N[3:], want_log_z, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("n_tokens,chunk", [(96, 32), (101, 32), (7, 1000)], ids=["divides", "padded", "one-chunk"])

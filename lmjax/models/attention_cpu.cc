@@ -25,6 +25,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -40,7 +44,15 @@ typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
 inline Vec Load(const float* p) { Vec v; std::memcpy(&v, p, sizeof v); return v; }
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+// A broadcast, which the compiler folds into the FMA's memory operand ({1to16}); `Vec{} + x` would
+// cost an add and a shuffle on the FMA ports per use.
+#if defined(__AVX512F__)
+inline Vec Splat(float x) { return (Vec)_mm512_set1_ps(x); }
+#elif defined(__AVX__)
+inline Vec Splat(float x) { return (Vec)_mm256_set1_ps(x); }
+#else
 inline Vec Splat(float x) { return Vec{} + x; }
+#endif
 
 // C[m, n] (+)= alpha * sum_k A(m, k) B[k, n] for m < M, n < N. B is row-major (ldb); A(m, k) is
 // A[m * lda + k], or A[k * lda + m] when TransA (the A^T B products of the backward).
@@ -90,6 +102,8 @@ template <bool TransA>
 void Gemm(int64_t M, int64_t N, int64_t Kd, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
           float* C, int64_t ldc, bool accumulate) {
   int64_t m = 0;
+  for (; m + 6 <= M; m += 6)
+    RowPanel<TransA, 6>(TransA ? A + m : A + m * lda, lda, B, ldb, C + m * ldc, ldc, N, Kd, alpha, accumulate);
   for (; m + 4 <= M; m += 4)
     RowPanel<TransA, 4>(TransA ? A + m : A + m * lda, lda, B, ldb, C + m * ldc, ldc, N, Kd, alpha, accumulate);
   for (; m < M; ++m)
@@ -236,10 +250,16 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
   while (shared->active.load() != 0) std::this_thread::yield();
 }
 
-// The row-major transpose of a [rows, H] slab with row stride ld: out[h * rows + r].
-void Transpose(const float* x, int64_t ld, int64_t rows, int64_t H, float* out) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t h = 0; h < H; ++h) out[h * rows + r] = x[r * ld + h];
+// The transpose of a [rows, H] slab (row stride ld), cut into blocks of `block` rows, each stored
+// contiguously as [H, width] at out + r0 * H: a tile's operand is then one contiguous panel, not rows
+// S floats apart (which at S = 2,048 fall into the same few L1 sets).
+void TransposeBlocks(const float* x, int64_t ld, int64_t rows, int64_t H, int64_t block, float* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t width = std::min(block, rows - r0);
+    float* o = out + r0 * H;
+    for (int64_t r = 0; r < width; ++r)
+      for (int64_t h = 0; h < H; ++h) o[h * width + r] = x[(r0 + r) * ld + h];
+  }
 }
 
 // run_end[x] for batch row b: the first position after x with another segment id (nullptr without ids).
@@ -251,9 +271,10 @@ std::vector<int64_t> SegmentRunEnds(const Problem& p, int64_t b) {
 }
 
 // Scores of tile (i0.., j0..) into s[bq, bk] (ld = bk), masked entries -inf.
+// kT: the keys as TransposeBlocks(block_k) leaves them.
 void TileScores(const Problem& p, int64_t b, const int64_t* run_end, const float* q, int64_t ldq, const float* kT,
-                int64_t S, int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* s) {
-  Gemm<false>(bq, bk, p.H, p.scale, q + i0 * ldq, ldq, kT + j0, S, s, bk, false);
+                int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* s) {
+  Gemm<false>(bq, bk, p.H, p.scale, q + i0 * ldq, ldq, kT + j0 * p.H, bk, s, bk, false);
   if (p.TileFull(i0, i0 + bq, j0, j0 + bk, run_end)) return;
   const int32_t* seg = p.seg ? p.seg + b * p.T : nullptr;
   for (int64_t r = 0; r < bq; ++r) {
@@ -276,7 +297,7 @@ void Forward(const Problem& p, const float* q, const float* k, const float* v, f
   ParallelFor(pool, p.B * p.K, [&](int64_t task) {
     const int64_t b = task / p.K, kh = task % p.K;
     std::vector<float> kT(H * p.S), s(p.block_q * p.block_k), acc(p.block_q * H), m(p.block_q), l(p.block_q);
-    Transpose(k + b * p.S * ldk + kh * H, ldk, p.S, H, kT.data());
+    TransposeBlocks(k + b * p.S * ldk + kh * H, ldk, p.S, H, p.block_k, kT.data());
     const std::vector<int64_t> run_end = SegmentRunEnds(p, b);
     const float* v_bk = v + b * p.S * ldk + kh * H;
     for (int64_t g = 0; g < G; ++g) {
@@ -290,7 +311,7 @@ void Forward(const Problem& p, const float* q, const float* k, const float* v, f
         for (int64_t j0 = 0; j0 < p.S; j0 += p.block_k) {
           const int64_t bk = std::min(p.block_k, p.S - j0);
           if (!p.TileVisible(i0, i0 + bq, j0, j0 + bk)) continue;
-          TileScores(p, b, run_end.data(), q_bn, ldq, kT.data(), p.S, i0, bq, j0, bk, s.data());
+          TileScores(p, b, run_end.data(), q_bn, ldq, kT.data(), i0, bq, j0, bk, s.data());
           for (int64_t r = 0; r < bq; ++r) {
             float* sr = s.data() + r * bk;
             const float mx = RowMax(sr, bk, m[r]);
@@ -326,8 +347,8 @@ void Backward(const Problem& p, const float* q, const float* k, const float* v, 
         dk_acc(bk_max * H), dv_acc(bk_max * H);
     const float* k_bk = k + b * p.S * ldk + kh * H;
     const float* v_bk = v + b * p.S * ldk + kh * H;
-    Transpose(k_bk, ldk, p.S, H, kT.data());
-    Transpose(v_bk, ldk, p.S, H, vT.data());
+    TransposeBlocks(k_bk, ldk, p.S, H, bk_max, kT.data());
+    TransposeBlocks(v_bk, ldk, p.S, H, bk_max, vT.data());
     const std::vector<int64_t> run_end = SegmentRunEnds(p, b);
     // delta_i = dO_i . O_i (FA-2's softmax-backward row term) per query head of the group; dq zeroed.
     for (int64_t g = 0; g < G; ++g)
@@ -351,12 +372,12 @@ void Backward(const Problem& p, const float* q, const float* k, const float* v, 
         for (int64_t i0 = 0; i0 < p.T; i0 += bq_max) {
           const int64_t bq = std::min(bq_max, p.T - i0);
           if (!p.TileVisible(i0, i0 + bq, j0, j0 + bk)) continue;
-          TileScores(p, b, run_end.data(), q_bn, ldq, kT.data(), p.S, i0, bq, j0, bk, s.data());
+          TileScores(p, b, run_end.data(), q_bn, ldq, kT.data(), i0, bq, j0, bk, s.data());
           for (int64_t r = 0; r < bq; ++r) {  // the forward's probabilities, recomputed from lse
             ExpShift<false>(s.data() + r * bk, bk, lse_bn[i0 + r]);
           }
           Gemm<true>(bk, H, bq, 1.0f, s.data(), bk, do_bn + i0 * ldq, ldq, dv_acc.data(), H, true);  // dV += P^T dO
-          Gemm<false>(bq, bk, H, 1.0f, do_bn + i0 * ldq, ldq, vT.data() + j0, p.S, dp.data(), bk, false);  // dP = dO V^T
+          Gemm<false>(bq, bk, H, 1.0f, do_bn + i0 * ldq, ldq, vT.data() + j0 * H, bk, dp.data(), bk, false);  // dP = dO V^T
           for (int64_t r = 0; r < bq; ++r) {  // dS = P * (dP - delta) * scale, into dp
             const float* pr = s.data() + r * bk;
             float* dr = dp.data() + r * bk;

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import PartitionSpec as P
 
+from lmjax import sharding
 from lmjax.data.cache import cache_key, cached_folder, file_sha256
 
 SOURCE = Path(__file__).with_name("attention_cpu.cc")
@@ -101,7 +101,7 @@ def available() -> bool:
 
 # Tile sizes of the kernel (query rows x key columns). Measured on a 2-vCPU AVX-512 Xeon at B*T = 4,096,
 # N = 6, H = 64 (experiments/bench/README.md, twelfth round).
-BLOCK_Q, BLOCK_K = 64, 128
+BLOCK_Q, BLOCK_K = 96, 128
 
 
 def _ffi_attributes(causal: bool, scale: float, local_window: int | None, has_segments: bool) -> dict:
@@ -146,47 +146,25 @@ def _attention_bwd(static, residuals, dout_BTNH):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _mesh_specs(mesh, q_shape: tuple[int, ...], kv_shape: tuple[int, ...]) -> tuple[P, P] | None:
-    """(q spec, k/v spec) of the attention inputs under the active logical-axis rules when the kernel
-    can run per shard: batch and heads may be split, evenly (shard_map has no padding) and query and
-    KV heads over the same axes (a shard keeps whole GQA groups); sequence and head_dim may not.
-    None otherwise."""
-    q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
-    kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))
-    if q_spec[1] or q_spec[3] or kv_spec[1] or kv_spec[3] or q_spec[0] != kv_spec[0] or q_spec[2] != kv_spec[2]:
-        return None
-
-    def shards(axes) -> int:
-        return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
-
-    if any(shape[d] % shards(spec[d]) for spec, shape in ((q_spec, q_shape), (kv_spec, kv_shape)) for d in (0, 2)):
-        return None
-    return q_spec, kv_spec
-
-
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array | None, *,
               causal: bool, scale: float, local_window: int | None) -> jax.Array | None:
     """The kernel's softmax(scale * q k^T + mask) v with `flash_attention.blockwise_attention`'s
     semantics and residuals, or None where it does not apply: not float32, not compiling for the CPU,
-    a mesh it cannot split over (see `_mesh_specs`), inside shard_map, or no compiler."""
+    a mesh it cannot run per shard over (`sharding.per_shard`), or no compiler."""
     if any(x.dtype != jnp.float32 for x in (q_BTNH, k_BSKH, v_BSKH)) or jax.default_backend() != "cpu":
         return None
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.manual_axes:
-        return None
-    specs = None if mesh.empty or mesh.size == 1 else _mesh_specs(mesh, q_BTNH.shape, k_BSKH.shape)
-    if not (mesh.empty or mesh.size == 1) and specs is None:
-        return None
-    if not available():
+    # Under a mesh, per shard: batch and heads may be split, query and KV heads alike (a shard keeps
+    # whole GQA groups); a split sequence or head_dim is left to the XLA ops.
+    q_axes, kv_axes = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
+    if nn.logical_to_mesh_axes(("heads",)) != nn.logical_to_mesh_axes(("kv_heads",)):
         return None
     fn = functools.partial(_attention, (causal, float(scale), local_window))
-    if specs is None:
-        return fn(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
-    q_spec, kv_spec = specs
-    if segment_ids_BT is None:
-        per_shard = jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec),
-                                  out_specs=q_spec, check_vma=False)
-        return per_shard(q_BTNH, k_BSKH, v_BSKH)
-    per_shard = jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)), out_specs=q_spec,
-                              check_vma=False)
-    return per_shard(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    args, axes = (q_BTNH, k_BSKH, v_BSKH), (q_axes, kv_axes, kv_axes)
+    if segment_ids_BT is not None:
+        args, axes = (*args, segment_ids_BT), (*axes, ("batch", "length"))
+    else:
+        fn = functools.partial(lambda f, q, k, v: f(q, k, v, None), fn)
+    run = sharding.per_shard(fn, axes, q_axes, whole=("length", "head_dim"))
+    if run is None or not available():
+        return None
+    return run(*args)

@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax import sharding
 from lmjax.config import ModelConfig
 from lmjax.models.layers import Embed, unembed_matrix
 from lmjax.models.mup import logit_multiplier
@@ -138,12 +139,25 @@ def _is_target(logits_cV: jax.Array, targets_c: jax.Array) -> jax.Array:
     return jax.lax.broadcasted_iota(jnp.int32, logits_cV.shape, 1) == targets_c[:, None]
 
 
+def _target_logits(logits_cV: jax.Array, is_target_cV: jax.Array, targets_c: jax.Array) -> jax.Array:
+    """[c] each token's target logit; 0 for a target outside the vocabulary (padding), as the one-hot gives.
+
+    A gather reads c numbers; the one-hot's masked sum writes and reads a [c, V] array (2% of the CPU
+    bench step, experiments/bench/README.md, twelfth round). Over a vocab-split mesh, the masked sum: it
+    needs no gather across the devices holding the vocabulary."""
+    if sharding.splits("vocab"):
+        return jnp.sum(jnp.where(is_target_cV, logits_cV, 0.0), axis=-1)
+    V = logits_cV.shape[-1]
+    picked_c = jnp.take_along_axis(logits_cV, jnp.clip(targets_c, 0, V - 1)[:, None], axis=-1)[:, 0]
+    return jnp.where((targets_c >= 0) & (targets_c < V), picked_c, 0.0)
+
+
 def _chunk_cross_entropy(multiplier, w_layout, x_cD, w, targets_c):
     """One chunk's (logits, target one-hot, cross-entropy, log Z)."""
     logits_cV = _chunk_logits(multiplier, w_layout, x_cD, w)
     is_target_cV = _is_target(logits_cV, targets_c)
     log_z_c = jax.nn.logsumexp(logits_cV, axis=-1)
-    return logits_cV, is_target_cV, log_z_c - jnp.sum(jnp.where(is_target_cV, logits_cV, 0.0), axis=-1), log_z_c
+    return logits_cV, is_target_cV, log_z_c - _target_logits(logits_cV, is_target_cV, targets_c), log_z_c
 
 
 def _chunk_gradients(multiplier, w_layout, x_cD, w, logits_cV, is_target_cV, log_z_c, softmax_weight_c, target_weight_c):
