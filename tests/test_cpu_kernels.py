@@ -1,8 +1,9 @@
 """The native CPU attention kernel (lmjax/models/attention_cpu.cc via cpu_kernels): that it is what
 float32 blockwise attention runs on the CPU, that it equals the XLA-ops path (values and q/k/v
 gradients, fp32) at lengths with several ragged tiles, that it runs per shard under a mesh with the
-unsharded result, and where it stands aside. Its agreement with jax.nn.dot_product_attention over
-every mask is tests/test_flash_attention.py's (parametrized over both implementations)."""
+unsharded result (RoPE tables included), and where it stands aside. Its agreement with
+jax.nn.dot_product_attention over every mask, and with RoPE, is tests/test_flash_attention.py's
+(parametrized over both implementations)."""
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 from lmjax.config import load_config
 from lmjax.models import cpu_kernels
 from lmjax.models.flash_attention import blockwise_attention
+from lmjax.models.rotary import rope_tables
 from lmjax.sharding import activate, axis_rules, make_mesh
 
 N, H = 4, 64
@@ -81,11 +83,13 @@ def test_kernel_runs_per_shard_under_a_mesh_with_the_unsharded_result():
     # Batch over data x fsdp, heads (query and KV alike) over tensor: 8 devices, each with whole GQA groups.
     cfg = load_config(None, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     mesh = make_mesh(cfg)
+    # With RoPE tables: a fourth and fifth operand split over the batch.
     q, k, v, w, seg = inputs(4, 130, 2)
-    want = values_and_grads(q, k, v, w, seg, cpu_kernel=False)
+    rope = rope_tables(jnp.broadcast_to(jnp.arange(130), (4, 130)), H, 10000.0)
+    want = values_and_grads(q, k, v, w, seg, cpu_kernel=False, rope=rope)
     with activate(mesh, axis_rules(cfg)):
-        text = lowered(lambda q, k, v: blockwise_attention(q, k, v, segment_ids_BT=seg), q, k, v)
-        got = values_and_grads(q, k, v, w, seg)
+        text = lowered(lambda q, k, v: blockwise_attention(q, k, v, segment_ids_BT=seg, rope=rope), q, k, v)
+        got = values_and_grads(q, k, v, w, seg, rope=rope)
     assert cpu_kernels.FORWARD_TARGET in text and "shard_map" in text.replace("sdy.manual_computation", "shard_map")
     assert_close(got, want)
 

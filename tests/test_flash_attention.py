@@ -14,6 +14,7 @@ import pytest
 from lmjax.config import ConfigError, ModelConfig, load_config
 from lmjax.models import build_model, layers
 from lmjax.models.flash_attention import _Spec, blockwise_attention, visible_block_pairs
+from lmjax.models.rotary import rope_tables, rotate
 
 B, T, N, H = 2, 37, 4, 8  # T a multiple of no block size below
 
@@ -89,6 +90,27 @@ def test_default_blocks_at_a_long_ragged_length_equal_jax_dot_product_attention(
     # cpu_kernels.BLOCK_Q x BLOCK_K), at lengths that are multiples of none (ragged last tiles), with GQA
     # and packed rows.
     assert_equals_reference(True, "packed", 1, None, None, length=length, seed=2, cpu_kernel=cpu_kernel)
+
+
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["kernel", "xla"])
+@pytest.mark.parametrize("kv_heads", [N, 1])
+def test_rope_tables_equal_rotating_q_and_k_first(cpu_kernel, kv_heads):
+    # Packed rows whose positions restart at each document, as the models feed them.
+    keys = jax.random.split(jax.random.key(3), 4)
+    H2 = 16  # an even head_dim of 8 pairs
+    q, w = (jax.random.normal(key, (B, T, N, H2)) for key in (keys[0], keys[3]))
+    k, v = (jax.random.normal(key, (B, T, kv_heads, H2)) for key in keys[1:3])
+    seg = segments("packed")
+    starts = np.maximum.accumulate(np.where(np.diff(seg, prepend=-1, axis=1) != 0, np.arange(T), 0), axis=1)
+    cos, sin = rope_tables(jnp.asarray(np.arange(T) - starts), H2, 10000.0)
+    want, want_grads = values_and_grads(lambda q, k, v: reference(rotate(q, cos, sin), rotate(k, cos, sin), v, seg, True, None, None),
+                                        q, k, v, w)
+    got, got_grads = values_and_grads(lambda q, k, v: blockwise_attention(q, k, v, segment_ids_BT=jnp.asarray(seg), block_q=8,
+                                                                          block_k=16, cpu_kernel=cpu_kernel, rope=(cos, sin)),
+                                      q, k, v, w)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    for name_, g, g_want in zip("qkv", got_grads, want_grads):
+        np.testing.assert_allclose(g, g_want, atol=2e-5, rtol=1e-5, err_msg=f"d{name_}")
 
 
 @pytest.mark.parametrize("causal,window,block_q,block_k", [(True, None, 8, 8), (True, None, 8, 16), (True, 5, 8, 8),

@@ -12,7 +12,8 @@ import pytest
 
 from lmjax.config import ConfigError, ModelConfig
 from lmjax.models import ModelInputError, build_model
-from lmjax.models.layers import Attention, apply_rope, swiglu
+from lmjax.models.layers import Attention, swiglu
+from lmjax.models.rotary import apply_rope
 
 VOCAB = 64
 

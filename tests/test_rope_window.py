@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from lmjax.config import ConfigError, RopeScalingConfig, load_config
 from lmjax.models import build_model, init_cache
-from lmjax.models.layers import rope_inverse_frequencies
+from lmjax.models.rotary import rope_inverse_frequencies
 
 V, D, LAYERS, HEADS, KV_HEADS, FF = 64, 32, 2, 4, 2, 48
 

@@ -7,8 +7,9 @@ The train step's attention is where lmjax's element-wise work concentrates (expe
 ninth and eleventh rounds). This times that layer alone, at the bench shapes, against what the PyTorch
 peer runs: `torch.nn.functional.scaled_dot_product_attention(is_causal=True)` (its flash-attention CPU
 kernel, MKL's matmuls inside). lmjax's side is `blockwise_attention` as the model calls it (packed-row
-segment ids, all of one document here, so both compute the same thing) and, for reference,
-`jax.nn.dot_product_attention` (`model.attention=xla`). Each is the vjp of the output against a fixed
+segment ids, all of one document here, so both compute the same thing): in float32 on the CPU its
+native kernel (lmjax/models/attention_cpu.cc), and with `cpu_kernel=False` its XLA ops
+(`model.attention=blockwise_xla`); for reference, `jax.nn.dot_product_attention` (`model.attention=xla`). Each is the vjp of the output against a fixed
 cotangent: one forward, one backward.
 
 Before timing, the outputs and the three input gradients of every JAX variant are checked against

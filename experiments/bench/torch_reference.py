@@ -82,7 +82,7 @@ class Attention(nn.Module):
 
 
 def apply_rope(x_BTNH: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor) -> torch.Tensor:
-    """lmjax.models.layers.apply_rope: halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    """lmjax.models.rotary.apply_rope: halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
     x1, x2 = x_BTNH.chunk(2, dim=-1)
     cos, sin = cos_Th[:, None, :], sin_Th[:, None, :]  # broadcast over heads
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

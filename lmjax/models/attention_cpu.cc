@@ -11,7 +11,8 @@
 // j <= i), (window == 0 or i - j < window) and (no segment ids or seg[i] == seg[j]); scores are
 // scale * q.k; grouped-query heads (query head n reads KV head n / (N / K)).
 // Layouts: q, out, dout, dq [B, T, N, H]; k, v, dk, dv [B, S, K, H]; lse [B, N, T]; segment ids
-// [B, T] int32 (a [1, 1] dummy when has_segments is false).
+// [B, T] int32 (a [1, 1] dummy when has_segments is false); RoPE cos and sin [B, T, H / 2] (dummies
+// when has_rope is false): q and k are then rotated in the tiles (rotary.rotate), and dq, dk rotated back.
 // Work is split over (batch, KV head) pairs: one task owns every output row it writes (dq rows of the
 // KV head's query heads, dk and dv rows of the KV head), so the backward needs no atomics.
 
@@ -23,6 +24,7 @@
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -202,6 +204,8 @@ struct Problem {
   int64_t window;  // 0: none
   const int32_t* seg;  // [B, T] or nullptr
   int64_t block_q, block_k;
+  const float* rope_cos = nullptr;  // [B, T, H / 2] each, or nullptr: q and k are rotated by them first
+  const float* rope_sin = nullptr;
 
   int64_t G() const { return N / K; }
   // Whether tile [i0, i1) x [j0, j1) holds any entry visible by position.
@@ -262,6 +266,41 @@ void TransposeBlocks(const float* x, int64_t ld, int64_t rows, int64_t H, int64_
   }
 }
 
+// Row t of batch b rotated as rotary.rotate does: out[:h] = x1 cos - x2 sin, out[h:] = x2 cos + x1 sin.
+void Rotate(const Problem& p, int64_t b, int64_t t, const float* x, float* out) {
+  const int64_t h = p.H / 2;
+  const float* c = p.rope_cos + (b * p.T + t) * h;
+  const float* s = p.rope_sin + (b * p.T + t) * h;
+  for (int64_t i = 0; i < h; ++i) {
+    const float x1 = x[i], x2 = x[i + h];
+    out[i] = x1 * c[i] - x2 * s[i];
+    out[i + h] = x2 * c[i] + x1 * s[i];
+  }
+}
+
+// The transpose of Rotate (its inverse): a gradient with respect to the rotated row, back to the row.
+// In place is fine.
+void Unrotate(const Problem& p, int64_t b, int64_t t, const float* g, float* out) {
+  const int64_t h = p.H / 2;
+  const float* c = p.rope_cos + (b * p.T + t) * h;
+  const float* s = p.rope_sin + (b * p.T + t) * h;
+  for (int64_t i = 0; i < h; ++i) {
+    const float g1 = g[i], g2 = g[i + h];
+    out[i] = g1 * c[i] + g2 * s[i];
+    out[i + h] = g2 * c[i] - g1 * s[i];
+  }
+}
+
+// The rows [rows, H] (stride ld) of batch b, rotated into `buffer` when the problem has RoPE tables:
+// returns (rows, their stride).
+std::pair<const float*, int64_t> RotatedRows(const Problem& p, int64_t b, int64_t first, int64_t rows, const float* x,
+                                             int64_t ld, std::vector<float>& buffer) {
+  if (!p.rope_cos) return {x, ld};
+  buffer.resize(rows * p.H);
+  for (int64_t r = 0; r < rows; ++r) Rotate(p, b, first + r, x + r * ld, buffer.data() + r * p.H);
+  return {buffer.data(), p.H};
+}
+
 // run_end[x] for batch row b: the first position after x with another segment id (nullptr without ids).
 std::vector<int64_t> SegmentRunEnds(const Problem& p, int64_t b) {
   std::vector<int64_t> run_end(p.seg ? p.T : 0);
@@ -270,11 +309,11 @@ std::vector<int64_t> SegmentRunEnds(const Problem& p, int64_t b) {
   return run_end;
 }
 
-// Scores of tile (i0.., j0..) into s[bq, bk] (ld = bk), masked entries -inf.
-// kT: the keys as TransposeBlocks(block_k) leaves them.
-void TileScores(const Problem& p, int64_t b, const int64_t* run_end, const float* q, int64_t ldq, const float* kT,
+// Scores of tile (i0.., j0..) into s[bq, bk] (ld = bk), masked entries -inf. q_block: the tile's query
+// rows (stride ldq); kT: the keys as TransposeBlocks(block_k) leaves them.
+void TileScores(const Problem& p, int64_t b, const int64_t* run_end, const float* q_block, int64_t ldq, const float* kT,
                 int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* s) {
-  Gemm<false>(bq, bk, p.H, p.scale, q + i0 * ldq, ldq, kT + j0 * p.H, bk, s, bk, false);
+  Gemm<false>(bq, bk, p.H, p.scale, q_block, ldq, kT + j0 * p.H, bk, s, bk, false);
   if (p.TileFull(i0, i0 + bq, j0, j0 + bk, run_end)) return;
   const int32_t* seg = p.seg ? p.seg + b * p.T : nullptr;
   for (int64_t r = 0; r < bq; ++r) {
@@ -296,8 +335,9 @@ void Forward(const Problem& p, const float* q, const float* k, const float* v, f
   const int64_t ldq = p.N * p.H, ldk = p.K * p.H, G = p.G(), H = p.H;
   ParallelFor(pool, p.B * p.K, [&](int64_t task) {
     const int64_t b = task / p.K, kh = task % p.K;
-    std::vector<float> kT(H * p.S), s(p.block_q * p.block_k), acc(p.block_q * H), m(p.block_q), l(p.block_q);
-    TransposeBlocks(k + b * p.S * ldk + kh * H, ldk, p.S, H, p.block_k, kT.data());
+    std::vector<float> kT(H * p.S), s(p.block_q * p.block_k), acc(p.block_q * H), m(p.block_q), l(p.block_q), k_rot, q_rot;
+    const auto [k_rows, ld_k_rows] = RotatedRows(p, b, 0, p.S, k + b * p.S * ldk + kh * H, ldk, k_rot);
+    TransposeBlocks(k_rows, ld_k_rows, p.S, H, p.block_k, kT.data());
     const std::vector<int64_t> run_end = SegmentRunEnds(p, b);
     const float* v_bk = v + b * p.S * ldk + kh * H;
     for (int64_t g = 0; g < G; ++g) {
@@ -305,13 +345,14 @@ void Forward(const Problem& p, const float* q, const float* k, const float* v, f
       const float* q_bn = q + b * p.T * ldq + n * H;
       for (int64_t i0 = 0; i0 < p.T; i0 += p.block_q) {
         const int64_t bq = std::min(p.block_q, p.T - i0);
+        const auto [q_block, ld_q_block] = RotatedRows(p, b, i0, bq, q_bn + i0 * ldq, ldq, q_rot);
         std::fill(m.begin(), m.end(), -INFINITY);
         std::fill(l.begin(), l.end(), 0.0f);
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t j0 = 0; j0 < p.S; j0 += p.block_k) {
           const int64_t bk = std::min(p.block_k, p.S - j0);
           if (!p.TileVisible(i0, i0 + bq, j0, j0 + bk)) continue;
-          TileScores(p, b, run_end.data(), q_bn, ldq, kT.data(), i0, bq, j0, bk, s.data());
+          TileScores(p, b, run_end.data(), q_block, ld_q_block, kT.data(), i0, bq, j0, bk, s.data());
           for (int64_t r = 0; r < bq; ++r) {
             float* sr = s.data() + r * bk;
             const float mx = RowMax(sr, bk, m[r]);
@@ -344,10 +385,11 @@ void Backward(const Problem& p, const float* q, const float* k, const float* v, 
   ParallelFor(pool, p.B * p.K, [&](int64_t task) {
     const int64_t b = task / p.K, kh = task % p.K;
     std::vector<float> kT(H * p.S), vT(H * p.S), delta(G * p.T), s(bq_max * bk_max), dp(bq_max * bk_max),
-        dk_acc(bk_max * H), dv_acc(bk_max * H);
-    const float* k_bk = k + b * p.S * ldk + kh * H;
+        dk_acc(bk_max * H), dv_acc(bk_max * H), k_rot, q_rot;
+    // With RoPE everything below is in rotated coordinates; dq and dk are rotated back at the end.
+    const auto [k_bk, ld_k] = RotatedRows(p, b, 0, p.S, k + b * p.S * ldk + kh * H, ldk, k_rot);
     const float* v_bk = v + b * p.S * ldk + kh * H;
-    TransposeBlocks(k_bk, ldk, p.S, H, bk_max, kT.data());
+    TransposeBlocks(k_bk, ld_k, p.S, H, bk_max, kT.data());
     TransposeBlocks(v_bk, ldk, p.S, H, bk_max, vT.data());
     const std::vector<int64_t> run_end = SegmentRunEnds(p, b);
     // delta_i = dO_i . O_i (FA-2's softmax-backward row term) per query head of the group; dq zeroed.
@@ -372,7 +414,8 @@ void Backward(const Problem& p, const float* q, const float* k, const float* v, 
         for (int64_t i0 = 0; i0 < p.T; i0 += bq_max) {
           const int64_t bq = std::min(bq_max, p.T - i0);
           if (!p.TileVisible(i0, i0 + bq, j0, j0 + bk)) continue;
-          TileScores(p, b, run_end.data(), q_bn, ldq, kT.data(), i0, bq, j0, bk, s.data());
+          const auto [q_block, ld_q_block] = RotatedRows(p, b, i0, bq, q_bn + i0 * ldq, ldq, q_rot);
+          TileScores(p, b, run_end.data(), q_block, ld_q_block, kT.data(), i0, bq, j0, bk, s.data());
           for (int64_t r = 0; r < bq; ++r) {  // the forward's probabilities, recomputed from lse
             ExpShift<false>(s.data() + r * bk, bk, lse_bn[i0 + r]);
           }
@@ -384,21 +427,31 @@ void Backward(const Problem& p, const float* q, const float* k, const float* v, 
             const float d = delta[g * p.T + i0 + r];
             for (int64_t c = 0; c < bk; ++c) dr[c] = pr[c] * (dr[c] - d) * p.scale;
           }
-          Gemm<false>(bq, H, bk, 1.0f, dp.data(), bk, k_bk + j0 * ldk, ldk, dq_bn + i0 * ldq, ldq, true);  // dQ += dS K
-          Gemm<true>(bk, H, bq, 1.0f, dp.data(), bk, q_bn + i0 * ldq, ldq, dk_acc.data(), H, true);  // dK += dS^T Q
+          Gemm<false>(bq, H, bk, 1.0f, dp.data(), bk, k_bk + j0 * ld_k, ld_k, dq_bn + i0 * ldq, ldq, true);  // dQ += dS K
+          Gemm<true>(bk, H, bq, 1.0f, dp.data(), bk, q_block, ld_q_block, dk_acc.data(), H, true);  // dK += dS^T Q
         }
       }
       for (int64_t c = 0; c < bk; ++c) {
         const int64_t row = (b * p.S + j0 + c) * ldk + kh * H;
-        std::memcpy(dk + row, dk_acc.data() + c * H, H * sizeof(float));
+        if (p.rope_cos)
+          Unrotate(p, b, j0 + c, dk_acc.data() + c * H, dk + row);
+        else
+          std::memcpy(dk + row, dk_acc.data() + c * H, H * sizeof(float));
         std::memcpy(dv + row, dv_acc.data() + c * H, H * sizeof(float));
       }
     }
+    if (p.rope_cos)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < p.T; ++i) {
+          float* row = dq + (b * p.T + i) * ldq + (kh * G + g) * H;
+          Unrotate(p, b, i, row, row);
+        }
   });
 }
 
-ffi::Error MakeProblem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::S32>& seg, bool causal,
-                       float scale, int64_t window, bool has_segments, int64_t block_q, int64_t block_k, Problem* p) {
+ffi::Error MakeProblem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::S32>& seg,
+                       ffi::Buffer<ffi::F32>& cos, ffi::Buffer<ffi::F32>& sin, bool causal, float scale, int64_t window,
+                       bool has_segments, bool has_rope, int64_t block_q, int64_t block_k, Problem* p) {
   auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[3] != kd[3] || kd[2] == 0 || qd[2] % kd[2] != 0)
     return ffi::Error::InvalidArgument("attention_cpu: q [B, T, N, H] and k, v [B, S, K, H] with K dividing N");
@@ -407,25 +460,38 @@ ffi::Error MakeProblem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::
                has_segments ? seg.typed_data() : nullptr, block_q, block_k};
   if (has_segments && (p->S != p->T || seg.element_count() != p->B * p->T))
     return ffi::Error::InvalidArgument("attention_cpu: segment ids need self-attention and shape [B, T]");
+  if (has_rope) {
+    if (p->S != p->T || p->H % 2 || cos.element_count() != p->B * p->T * (p->H / 2) ||
+        sin.element_count() != cos.element_count())
+      return ffi::Error::InvalidArgument("attention_cpu: RoPE tables need self-attention, an even H and shape [B, T, H/2]");
+    p->rope_cos = cos.typed_data();
+    p->rope_sin = sin.typed_data();
+  }
   return ffi::Error::Success();
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                       ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
-                       bool causal, float scale, int64_t window, bool has_segments, int64_t block_q, int64_t block_k) {
+                       ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, bool causal, float scale,
+                       int64_t window, bool has_segments, bool has_rope, int64_t block_q, int64_t block_k) {
   Problem p;
-  if (auto e = MakeProblem(q, k, seg, causal, scale, window, has_segments, block_q, block_k, &p); e.failure()) return e;
+  if (auto e = MakeProblem(q, k, seg, cos, sin, causal, scale, window, has_segments, has_rope, block_q, block_k, &p);
+      e.failure())
+    return e;
   Forward(p, q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(), lse->typed_data(), pool);
   return ffi::Error::Success();
 }
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                        ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
-                        ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                        ffi::ResultBuffer<ffi::F32> dv, bool causal, float scale, int64_t window, bool has_segments,
-                        int64_t block_q, int64_t block_k) {
+                        ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                        ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                        ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                        bool causal, float scale, int64_t window, bool has_segments, bool has_rope, int64_t block_q,
+                        int64_t block_k) {
   Problem p;
-  if (auto e = MakeProblem(q, k, seg, causal, scale, window, has_segments, block_q, block_k, &p); e.failure()) return e;
+  if (auto e = MakeProblem(q, k, seg, cos, sin, causal, scale, window, has_segments, has_rope, block_q, block_k, &p);
+      e.failure())
+    return e;
   Backward(p, q.typed_data(), k.typed_data(), v.typed_data(), out.typed_data(), lse.typed_data(), dout.typed_data(),
            dq->typed_data(), dk->typed_data(), dv->typed_data(), pool);
   return ffi::Error::Success();
@@ -440,12 +506,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxAttentionForward, ForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // RoPE cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // RoPE sin
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("causal")
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("window")
                                   .Attr<bool>("has_segments")
+                                  .Attr<bool>("has_rope")
                                   .Attr<int64_t>("block_q")
                                   .Attr<int64_t>("block_k"));
 
@@ -456,6 +525,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxAttentionBackward, BackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // RoPE cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // RoPE sin
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -466,5 +537,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxAttentionBackward, BackwardImpl,
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("window")
                                   .Attr<bool>("has_segments")
+                                  .Attr<bool>("has_rope")
                                   .Attr<int64_t>("block_q")
                                   .Attr<int64_t>("block_k"));

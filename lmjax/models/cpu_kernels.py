@@ -104,53 +104,62 @@ def available() -> bool:
 BLOCK_Q, BLOCK_K = 96, 128
 
 
-def _ffi_attributes(causal: bool, scale: float, local_window: int | None, has_segments: bool) -> dict:
+def _ffi_attributes(causal: bool, scale: float, local_window: int | None, has_segments: bool, has_rope: bool) -> dict:
     return dict(causal=causal, scale=np.float32(scale), window=np.int64(local_window or 0), has_segments=has_segments,
-                block_q=np.int64(BLOCK_Q), block_k=np.int64(BLOCK_K))
+                has_rope=has_rope, block_q=np.int64(BLOCK_Q), block_k=np.int64(BLOCK_K))
 
 
-def _segments_operand(segment_ids_BT: jax.Array | None) -> jax.Array:
-    return jnp.zeros((1, 1), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+def _optional_operands(segment_ids_BT: jax.Array | None, rope_cos_BTh: jax.Array | None, rope_sin_BTh: jax.Array | None):
+    """The kernel's segment ids and RoPE tables, with small dummies for the absent ones, and the flags."""
+    seg = jnp.zeros((1, 1), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+    has_rope = rope_cos_BTh is not None
+    cos, sin = (x.astype(jnp.float32) for x in (rope_cos_BTh, rope_sin_BTh)) if has_rope else (jnp.zeros((1, 1, 1), jnp.float32),) * 2
+    return (seg, cos, sin), dict(has_segments=segment_ids_BT is not None, has_rope=has_rope)
 
 
-def _forward(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+def _forward(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, rope_cos_BTh, rope_sin_BTh):
     B, T, N, _ = q_BTNH.shape
     out_types = (jax.ShapeDtypeStruct(q_BTNH.shape, jnp.float32), jax.ShapeDtypeStruct((B, N, T), jnp.float32))
     call = jax.ffi.ffi_call(FORWARD_TARGET, out_types, vmap_method="sequential")
-    return call(q_BTNH, k_BSKH, v_BSKH, _segments_operand(segment_ids_BT), **_ffi_attributes(*static, segment_ids_BT is not None))
+    optional, flags = _optional_operands(segment_ids_BT, rope_cos_BTh, rope_sin_BTh)
+    return call(q_BTNH, k_BSKH, v_BSKH, *optional, **_ffi_attributes(*static, **flags))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
-    return _forward(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)[0]
+def _attention(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, rope_cos_BTh, rope_sin_BTh):
+    return _forward(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, rope_cos_BTh, rope_sin_BTh)[0]
 
 
-def _attention_fwd(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+def _attention_fwd(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, rope_cos_BTh, rope_sin_BTh):
     from lmjax.models.flash_attention import ATTENTION_LSE, ATTENTION_OUT
 
-    out_BTNH, lse_BNT = _forward(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    out_BTNH, lse_BNT = _forward(static, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, rope_cos_BTh, rope_sin_BTh)
     # The names blockwise attention's residuals have, so `model.remat: dots` keeps these too.
     out_BTNH, lse_BNT = checkpoint_name(out_BTNH, ATTENTION_OUT), checkpoint_name(lse_BNT, ATTENTION_LSE)
-    return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, out_BTNH, lse_BNT)
+    return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, rope_cos_BTh, rope_sin_BTh, out_BTNH, lse_BNT)
 
 
 def _attention_bwd(static, residuals, dout_BTNH):
-    q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, out_BTNH, lse_BNT = residuals
+    q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, rope_cos_BTh, rope_sin_BTh, out_BTNH, lse_BNT = residuals
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q_BTNH, k_BSKH, v_BSKH))
     call = jax.ffi.ffi_call(BACKWARD_TARGET, out_types, vmap_method="sequential")
-    dq, dk, dv = call(q_BTNH, k_BSKH, v_BSKH, _segments_operand(segment_ids_BT), out_BTNH, lse_BNT,
-                      dout_BTNH.astype(jnp.float32), **_ffi_attributes(*static, segment_ids_BT is not None))
-    return dq, dk, dv, None
+    optional, flags = _optional_operands(segment_ids_BT, rope_cos_BTh, rope_sin_BTh)
+    dq, dk, dv = call(q_BTNH, k_BSKH, v_BSKH, *optional, out_BTNH, lse_BNT, dout_BTNH.astype(jnp.float32),
+                      **_ffi_attributes(*static, **flags))
+    # No gradient for the segment ids and the RoPE tables (functions of integer positions).
+    return dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array | None, *,
-              causal: bool, scale: float, local_window: int | None) -> jax.Array | None:
+              causal: bool, scale: float, local_window: int | None,
+              rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array | None:
     """The kernel's softmax(scale * q k^T + mask) v with `flash_attention.blockwise_attention`'s
-    semantics and residuals, or None where it does not apply: not float32, not compiling for the CPU,
-    a mesh it cannot run per shard over (`sharding.per_shard`), or no compiler."""
+    semantics and residuals (q and k first rotated by the `rope` tables, cos and sin [B, T, H/2]), or
+    None where it does not apply: not float32, not compiling for the CPU, a mesh it cannot run per
+    shard over (`sharding.per_shard`), or no compiler."""
     if any(x.dtype != jnp.float32 for x in (q_BTNH, k_BSKH, v_BSKH)) or jax.default_backend() != "cpu":
         return None
     # Under a mesh, per shard: batch and heads may be split, query and KV heads alike (a shard keeps
@@ -158,13 +167,17 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_i
     q_axes, kv_axes = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
     if nn.logical_to_mesh_axes(("heads",)) != nn.logical_to_mesh_axes(("kv_heads",)):
         return None
-    fn = functools.partial(_attention, (causal, float(scale), local_window))
-    args, axes = (q_BTNH, k_BSKH, v_BSKH), (q_axes, kv_axes, kv_axes)
-    if segment_ids_BT is not None:
-        args, axes = (*args, segment_ids_BT), (*axes, ("batch", "length"))
-    else:
-        fn = functools.partial(lambda f, q, k, v: f(q, k, v, None), fn)
-    run = sharding.per_shard(fn, axes, q_axes, whole=("length", "head_dim"))
+    optional = {"segment_ids_BT": (segment_ids_BT, ("batch", "length")),
+                "rope_cos_BTh": (None if rope is None else rope[0], ("batch", "length", None)),
+                "rope_sin_BTh": (None if rope is None else rope[1], ("batch", "length", None))}
+    present = [name for name, (x, _) in optional.items() if x is not None]
+
+    def fn(q, k, v, *given):  # shard_map takes arrays only: the absent operands are bound as None here
+        kwargs = dict.fromkeys(optional) | dict(zip(present, given))
+        return _attention((causal, float(scale), local_window), q, k, v, **kwargs)
+
+    run = sharding.per_shard(fn, (q_axes, kv_axes, kv_axes, *(optional[name][1] for name in present)), q_axes,
+                             whole=("length", "head_dim"))
     if run is None or not available():
         return None
-    return run(*args)
+    return run(q_BTNH, k_BSKH, v_BSKH, *(optional[name][0] for name in present))

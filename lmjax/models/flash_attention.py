@@ -37,6 +37,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lmjax.models import cpu_kernels
+from lmjax.models.rotary import rotate
 
 # Masked scores: finite (like jax.nn.dot_product_attention's -0.7 * float32 max) rather than -inf, so
 # a row with no visible key in a tile gives exp(0) = 1 there instead of exp(-inf + inf) = NaN; any
@@ -278,7 +279,8 @@ def _default_block_k(S: int) -> int:
 
 def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, segment_ids_BT: jax.Array | None = None,
                         causal: bool = True, scale: float | None = None, local_window: int | None = None,
-                        block_q: int | None = None, block_k: int | None = None, cpu_kernel: bool = True) -> jax.Array:
+                        block_q: int | None = None, block_k: int | None = None, cpu_kernel: bool = True,
+                        rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """softmax(scale * q k^T + mask) v, [B, T, N, H] in q's dtype; memory O(T), not O(T^2).
 
     Query i sees key j when (not causal or j <= i), (local_window is None or i - j < local_window) and,
@@ -289,9 +291,11 @@ def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     gives the mean of the values. Blocks larger than the sequence are shrunk to it; None picks them by
     length (`_default_block_q`, `_default_block_k`).
 
-    With `cpu_kernel` (the default), float32 attention compiled for the CPU runs in the native
-    FlashAttention-2 kernel of `cpu_kernels` (same masks, results and residuals; its own tile sizes)
-    wherever that applies; otherwise, and with `cpu_kernel=False`, in the XLA ops below.
+    `rope`: RoPE tables (cos, sin) [B, T, H/2] (`rotary.rope_tables`; self-attention) by which q and k
+    are rotated first (`rotary.rotate`). With `cpu_kernel` (the default), float32 attention compiled for
+    the CPU runs in the native FlashAttention-2 kernel of `cpu_kernels` (same masks, results and
+    residuals; its own tile sizes; the rotation inside its tiles) wherever that applies; otherwise, and
+    with `cpu_kernel=False`, in the XLA ops below.
     """
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
@@ -300,12 +304,17 @@ def blockwise_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                          f"k and v [B, S, K, H] with K dividing N")
     if segment_ids_BT is not None and (S != T or segment_ids_BT.shape != (B, T)):
         raise ValueError(f"blockwise_attention: segment_ids {segment_ids_BT.shape} need self-attention (S == T) and shape [B, T]")
+    if rope is not None and (S != T or rope[0].shape != (B, T, H // 2) or rope[1].shape != rope[0].shape or H % 2):
+        raise ValueError(f"blockwise_attention: rope tables {rope[0].shape} and {rope[1].shape} need self-attention "
+                         f"(S == T), an even head_dim and shape [B, T, H/2] = {(B, T, H // 2)}")
     if local_window is not None and (not causal or local_window < 1):
         raise ValueError(f"blockwise_attention: local_window needs causal=True and a window >= 1, got {local_window}")
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
     if cpu_kernel and (out_BTNH := cpu_kernels.attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal, scale=scale,
-                                                          local_window=local_window)) is not None:
+                                                          local_window=local_window, rope=rope)) is not None:
         return out_BTNH
+    if rope is not None:
+        q_BTNH, k_BSKH = rotate(q_BTNH, *rope), rotate(k_BSKH, *rope)
     spec = _Spec(causal=causal, scale=scale, local_window=local_window,
                  block_q=min(block_q or _default_block_q(T), T), block_k=min(block_k or _default_block_k(S), S), q_len=T, kv_len=S)
     return _attention(spec, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)

@@ -19,14 +19,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-import numpy as np
 
-from lmjax.config import ConfigError, ModelConfig, RopeScalingConfig
+from lmjax.config import ConfigError, ModelConfig
 from lmjax.errors import UserError
 from lmjax.models.activations import gelu, swiglu
 from lmjax.models.feature_params import add_bias, scale_features
 from lmjax.models.flash_attention import ATTENTION_LSE, ATTENTION_OUT, blockwise_attention
 from lmjax.models.mup import attention_scale, init_multiplier, logit_multiplier
+from lmjax.models.rotary import apply_rope, rope_tables
 
 
 class ModelInputError(UserError):
@@ -132,38 +132,6 @@ def make_norm(config: ModelConfig, name: str) -> nn.Module:
     return norm_cls(eps=config.norm_eps, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), name=name)
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig) -> jnp.ndarray:
-    """float32 [head_dim // 2]: theta^(-2i/head_dim), rescaled by `scaling` with transformers' float32
-    operations in its order (torch's `x / t` is a reciprocal then a product). Unscaled: lmjax's first
-    expression (last-place differences from transformers'), so older runs resume bit for bit."""
-    f32, s = np.float32, scaling
-    if s.kind == "none":
-        return theta ** (-jnp.arange(head_dim // 2, dtype=jnp.float32) / (head_dim // 2))
-    exponent_h = np.arange(0, head_dim, 2).astype(f32) / f32(head_dim)
-    inv_freq_h = f32(1) / (np.float64(theta) ** exponent_h.astype(np.float64)).astype(f32)
-    if s.kind == "linear":
-        inv_freq_h = inv_freq_h / f32(s.factor)
-    elif s.kind == "llama3":  # wavelengths over original / low slowed by factor, under original / high kept
-        context, low, high = s.original_max_position_embeddings, s.low_freq_factor, s.high_freq_factor
-        wavelen_h = f32(1) / inv_freq_h * f32(2 * math.pi)
-        smooth_h = (f32(1) / wavelen_h * f32(context) - f32(low)) / f32(high - low)  # 0 at original / low, 1 at original / high
-        smoothed_h = (f32(1) - smooth_h) * inv_freq_h / f32(s.factor) + smooth_h * inv_freq_h
-        inv_freq_h = np.where(wavelen_h > f32(context / low), inv_freq_h / f32(s.factor),
-                              np.where(wavelen_h < f32(context / high), inv_freq_h, smoothed_h))
-    return jnp.asarray(inv_freq_h, jnp.float32)
-
-
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float, scaling: RopeScalingConfig | None = None) -> jax.Array:
-    """Rotary embedding (Su et al. 2021) in the rotate-half layout used by Llama/GPT-NeoX: dimension i
-    is paired with i + H/2 and the pair rotated by positions * `rope_inverse_frequencies`[i]."""
-    inv_freq_h = rope_inverse_frequencies(x_BTNH.shape[-1], theta, scaling or RopeScalingConfig())
-    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h
-    sin_BT1h, cos_BT1h = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
-    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h], axis=-1)
-    return rotated.astype(x_BTNH.dtype)
-
-
 def dense_options(config: ModelConfig) -> dict:
     return dict(use_bias=config.use_bias, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
 
@@ -228,17 +196,19 @@ class Attention(nn.Module):
         q_BTNH = head_projection(cfg, "query", cfg.n_heads, "heads")(x_BTD)
         k_BTKH = head_projection(cfg, "key", cfg.kv_heads, "kv_heads")(x_BTD)
         v_BTKH = head_projection(cfg, "value", cfg.kv_heads, "kv_heads")(x_BTD)
-        if cfg.use_rope:
+        blockwise = not self.decode and cfg.attention in ("blockwise", "blockwise_xla") and bias_BNTS is None
+        if cfg.use_rope and not blockwise:
             q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
             k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
 
         if self.decode:
             k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, segment_ids_BT)
             out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_B1TS, scale=attention_scale(cfg))
-        elif cfg.attention in ("blockwise", "blockwise_xla") and bias_BNTS is None:
+        elif blockwise:  # RoPE inside: the CPU kernel rotates q and k in its tiles
+            rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta, cfg.rope_scaling) if cfg.use_rope else None
             out_BTNH = blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT, causal=self.causal,
                                            scale=attention_scale(cfg), local_window=cfg.sliding_window if self.causal else None,
-                                           cpu_kernel=cfg.attention == "blockwise")
+                                           cpu_kernel=cfg.attention == "blockwise", rope=rope)
         else:
             mask_B1TT = None if segment_ids_BT is None else (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
             out_BTNH = jax.nn.dot_product_attention(
