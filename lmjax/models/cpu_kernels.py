@@ -4,7 +4,7 @@
 (flash_attention.py) cannot keep a tile's scores in cache between its matmuls and softmax, because
 XLA:CPU does not fuse a matmul with the element-wise work around it. The source is compiled with
 the system C++ compiler (`$CXX`, else g++) against jaxlib's FFI headers, with `-march=native`, into
-`~/.cache/lmjax/kernels/<key>/` (`LMJAX_KERNEL_CACHE` overrides the folder), keyed by the source,
+`~/.cache/lmjax/kernels/<key>/` (`LMJAX_KERNEL_CACHE` replaces `~/.cache/lmjax`), keyed by the source,
 the flags, jaxlib's version and the CPU's instruction-set flags, and published atomically
 (lmjax.data.cache), so concurrent processes build it at most once each and never load half a file.
 
