@@ -106,17 +106,17 @@ def host_batch_to_global(batch: dict[str, np.ndarray], shardings: dict[str, Name
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
-def per_shard(fn, logical_axes: tuple[tuple[str | None, ...], ...], out_axes: tuple[str | None, ...], *,
-              whole: tuple[str, ...] = ()):
-    """`fn` run on each device's shard (jax.shard_map) of arrays whose dimensions carry `logical_axes`
-    (one tuple per argument; the output's are `out_axes`), under the active mesh and logical-axis rules:
-    for computations XLA's partitioner cannot split itself (a custom call). Returns a callable with
-    `fn`'s signature, or None where the rules split a logical axis of `whole`, the arrays do not split
-    evenly (shard_map does not pad), or the computation is already inside a shard_map. Without a mesh,
-    or on one device, `fn` itself."""
+def run_per_shard(fn, args: tuple[jax.Array, ...], logical_axes: tuple[tuple[str | None, ...], ...],
+                  out_axes: tuple[str | None, ...], *, whole: tuple[str, ...] = ()):
+    """`fn(*args)` run on each device's shard (jax.shard_map) under the active mesh and logical-axis
+    rules, `logical_axes` naming each argument's dimensions and `out_axes` the output's: for
+    computations XLA's partitioner cannot split itself (a custom call). Without a mesh, on one device
+    or inside a shard_map over every mesh axis, `fn(*args)` itself. None, with nothing run, where the
+    rules split a logical axis of `whole`, an argument does not split evenly (shard_map does not pad),
+    or only some mesh axes are manual."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return fn
+    if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
+        return fn(*args)
     if mesh.manual_axes:
         return None
     specs = [nn.logical_to_mesh_axes(axes) for axes in logical_axes]
@@ -126,14 +126,10 @@ def per_shard(fn, logical_axes: tuple[tuple[str | None, ...], ...], out_axes: tu
     def shards(mesh_axes) -> int:
         return int(np.prod([mesh.shape[a] for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ())]))
 
-    def runner(*args):
-        for x, spec in zip(args, specs):
-            if any(size % shards(mesh_axes) for size, mesh_axes in zip(x.shape, spec)):
-                return None
-        return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=nn.logical_to_mesh_axes(out_axes),
-                             check_vma=False)(*args)
-
-    return runner
+    if any(size % shards(mesh_axes) for x, spec in zip(args, specs) for size, mesh_axes in zip(x.shape, spec)):
+        return None
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=nn.logical_to_mesh_axes(out_axes),
+                         check_vma=False)(*args)
 
 
 def splits(logical_axis: str) -> bool:

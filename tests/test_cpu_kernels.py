@@ -103,6 +103,19 @@ def test_a_mesh_splitting_the_sequence_leaves_attention_to_the_xla_ops():
     assert cpu_kernels.FORWARD_TARGET not in text
 
 
+def test_query_and_kv_heads_split_differently_leave_attention_to_the_xla_ops():
+    # A shard would hold query heads whose KV heads are elsewhere. On one device the rules do not matter.
+    cfg = load_config(None, ["mesh.data=2", "mesh.tensor=4"])
+    rules = tuple((name, None if name == "kv_heads" else axes) for name, axes in axis_rules(cfg))
+    q, k, v, _, seg = inputs(2, 64, 2)
+    fn = lambda q, k, v: blockwise_attention(q, k, v, segment_ids_BT=seg)  # noqa: E731
+    with activate(make_mesh(cfg), rules):
+        assert cpu_kernels.FORWARD_TARGET not in lowered(fn, q, k, v)
+    one_device = load_config(None, ["mesh.data=1"])
+    with activate(make_mesh(one_device, jax.devices()[:1]), rules):
+        assert cpu_kernels.FORWARD_TARGET in lowered(fn, q, k, v)
+
+
 def test_a_batch_the_mesh_does_not_divide_leaves_attention_to_the_xla_ops():
     # shard_map needs even shards; XLA's partitioner pads uneven ones, so the XLA ops still run.
     cfg = load_config(None, ["mesh.data=8"])

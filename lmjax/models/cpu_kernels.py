@@ -159,13 +159,14 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_i
     """The kernel's softmax(scale * q k^T + mask) v with `flash_attention.blockwise_attention`'s
     semantics and residuals (q and k first rotated by the `rope` tables, cos and sin [B, T, H/2]), or
     None where it does not apply: not float32, not compiling for the CPU, a mesh it cannot run per
-    shard over (`sharding.per_shard`), or no compiler."""
+    shard over (`sharding.run_per_shard`), or no compiler."""
     if any(x.dtype != jnp.float32 for x in (q_BTNH, k_BSKH, v_BSKH)) or jax.default_backend() != "cpu":
         return None
     # Under a mesh, per shard: batch and heads may be split, query and KV heads alike (a shard keeps
     # whole GQA groups); a split sequence or head_dim is left to the XLA ops.
     q_axes, kv_axes = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
-    if nn.logical_to_mesh_axes(("heads",)) != nn.logical_to_mesh_axes(("kv_heads",)):
+    heads_split = sharding.splits("heads") or sharding.splits("kv_heads")
+    if heads_split and nn.logical_to_mesh_axes(("heads",)) != nn.logical_to_mesh_axes(("kv_heads",)):
         return None
     optional = {"segment_ids_BT": (segment_ids_BT, ("batch", "length")),
                 "rope_cos_BTh": (None if rope is None else rope[0], ("batch", "length", None)),
@@ -176,8 +177,8 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_i
         kwargs = dict.fromkeys(optional) | dict(zip(present, given))
         return _attention((causal, float(scale), local_window), q, k, v, **kwargs)
 
-    run = sharding.per_shard(fn, (q_axes, kv_axes, kv_axes, *(optional[name][1] for name in present)), q_axes,
-                             whole=("length", "head_dim"))
-    if run is None or not available():
+    if not available():
         return None
-    return run(q_BTNH, k_BSKH, v_BSKH, *(optional[name][0] for name in present))
+    args = (q_BTNH, k_BSKH, v_BSKH, *(optional[name][0] for name in present))
+    return sharding.run_per_shard(fn, args, (q_axes, kv_axes, kv_axes, *(optional[name][1] for name in present)), q_axes,
+                                  whole=("length", "head_dim"))

@@ -205,6 +205,7 @@ class Attention(nn.Module):
             k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, segment_ids_BT)
             out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_B1TS, scale=attention_scale(cfg))
         elif blockwise:  # RoPE inside: the CPU kernel rotates q and k in its tiles
+            positions_BT = jnp.broadcast_to(positions_BT, q_BTNH.shape[:2])  # the tables are per row
             rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta, cfg.rope_scaling) if cfg.use_rope else None
             out_BTNH = blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT, causal=self.causal,
                                            scale=attention_scale(cfg), local_window=cfg.sliding_window if self.causal else None,
