@@ -37,10 +37,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// Vector lanes, and vectors per micro-kernel row: 6 rows x kPanelVecs accumulators, the panel's
+// vectors and a broadcast must fit the register file (32 zmm with AVX-512, 16 ymm without).
 #if defined(__AVX512F__)
-constexpr int kLanes = 16;
+constexpr int kLanes = 16, kPanelVecs = 4;
 #else
-constexpr int kLanes = 8;
+constexpr int kLanes = 8, kPanelVecs = 2;
 #endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
@@ -86,8 +88,8 @@ inline void RowPanel(const float* A, int64_t lda, const float* B, int64_t ldb, f
                      int64_t N, int64_t Kd, float alpha, bool accumulate) {
   auto a_at = [&](int64_t r) { return TransA ? A + r : A + r * lda; };
   int64_t n = 0;
-  for (; n + 4 * kLanes <= N; n += 4 * kLanes)
-    MicroKernel<TransA, MR, 4>(A, lda, B + n, ldb, C + n, ldc, Kd, alpha, accumulate);
+  for (; n + kPanelVecs * kLanes <= N; n += kPanelVecs * kLanes)
+    MicroKernel<TransA, MR, kPanelVecs>(A, lda, B + n, ldb, C + n, ldc, Kd, alpha, accumulate);
   for (; n + kLanes <= N; n += kLanes)
     MicroKernel<TransA, MR, 1>(A, lda, B + n, ldb, C + n, ldc, Kd, alpha, accumulate);
   for (; n < N; ++n)  // columns past the last full vector
