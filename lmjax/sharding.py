@@ -79,17 +79,23 @@ def batch_shardings(mesh: Mesh, rules, schema: dict[str, Any]) -> dict[str, Name
     return {key: NamedSharding(mesh, P(batch_axes, *([None] * (len(x.shape) - 1)))) for key, x in schema.items()}
 
 
+def devices_along(mesh, mesh_axes) -> int:
+    """How many devices a dimension sharded over `mesh_axes` (a PartitionSpec entry: None, a mesh axis
+    name or a tuple of them) is split across."""
+    names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
 def check_divisible(abstract_tree: Any, shardings: Any, what: str = "parameter") -> None:
     """Every sharded dimension must divide evenly over its mesh axes; name the first that does not."""
     leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
     shard_leaves = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     for (path, leaf), sharding in zip(leaves, shard_leaves):
-        mesh_shape = sharding.mesh.shape
         for dim, axes in zip(leaf.shape, sharding.spec):
             if axes is None:
                 continue
             axes = axes if isinstance(axes, tuple) else (axes,)
-            n = int(np.prod([mesh_shape[a] for a in axes]))
+            n = devices_along(sharding.mesh, axes)
             if dim % n:
                 name = jax.tree_util.keystr(path)
                 raise ConfigError(
@@ -123,10 +129,7 @@ def run_per_shard(fn, args: tuple[jax.Array, ...], logical_axes: tuple[tuple[str
     if any(spec[d] for axes, spec in zip(logical_axes, specs) for d, name in enumerate(axes) if name in whole):
         return None
 
-    def shards(mesh_axes) -> int:
-        return int(np.prod([mesh.shape[a] for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ())]))
-
-    if any(size % shards(mesh_axes) for x, spec in zip(args, specs) for size, mesh_axes in zip(x.shape, spec)):
+    if any(size % devices_along(mesh, mesh_axes) for x, spec in zip(args, specs) for size, mesh_axes in zip(x.shape, spec)):
         return None
     return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=nn.logical_to_mesh_axes(out_axes),
                          check_vma=False)(*args)
@@ -137,6 +140,4 @@ def splits(logical_axis: str) -> bool:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return False
-    mesh_axes = nn.logical_to_mesh_axes((logical_axis,))[0]
-    names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()
-    return int(np.prod([mesh.shape[a] for a in names])) > 1
+    return devices_along(mesh, nn.logical_to_mesh_axes((logical_axis,))[0]) > 1
