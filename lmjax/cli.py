@@ -38,15 +38,17 @@ def set_cpu_xla_defaults() -> None:
     with `lmjax bench configs/bench_cpu.yaml` and its PyTorch peer): without AVX-512 (AMD EPYC, AVX2)
     the step runs ~5-10% faster with Eigen's matmuls than with XLA's default YNNPACK fusions; with it
     (Intel Xeon, AVX-512 and AMX) YNNPACK is ~10% faster, so XLA's default stays, and the element-wise
-    and reduction loops XLA emits itself use 512-bit vectors instead of XLA's default 256 (~8%).
-    Read when the backend starts, so set before first use; an XLA_FLAGS that already mentions an
+    and reduction loops XLA emits itself use 512-bit vectors instead of XLA's default 256 (~8%), and
+    the concurrency-optimized scheduler runs independent ops side by side (unrolled layers ~5%
+    faster, scanned ones unchanged; thirteenth round). Read when the backend starts, so set before first use; an XLA_FLAGS that already mentions an
     option wins, and LMJAX_XLA_CPU_DEFAULTS=off keeps XLA's own."""
     from lmjax.cpu_peak import cpu_has_avx512  # imports no jax: this runs before jax starts
 
     if os.environ.get("LMJAX_XLA_CPU_DEFAULTS", "").lower() in ("0", "off", "false"):
         return
     avx512 = cpu_has_avx512()
-    defaults = {"xla_cpu_prefer_vector_width": "512"} if avx512 else {"xla_cpu_experimental_ynn_fusion_type": ""}
+    defaults = ({"xla_cpu_prefer_vector_width": "512", "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}
+                if avx512 else {"xla_cpu_experimental_ynn_fusion_type": ""})
     for option, value in defaults.items():
         flags = os.environ.get("XLA_FLAGS", "")
         if option not in flags:

@@ -245,7 +245,7 @@ def test_cpu_xla_defaults_choose_eigen_without_avx512_and_wide_vectors_with_it(m
     seventh rounds); a flag the user set wins, and LMJAX_XLA_CPU_DEFAULTS=off keeps XLA's own."""
     monkeypatch.delenv("LMJAX_XLA_CPU_DEFAULTS", raising=False)
     for avx512, flags in ((False, "--foo --xla_cpu_experimental_ynn_fusion_type="),
-                          (True, "--foo --xla_cpu_prefer_vector_width=512")):
+                          (True, "--foo --xla_cpu_prefer_vector_width=512 --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED")):
         monkeypatch.setattr(cpu_peak, "cpu_has_avx512", lambda: avx512)
         monkeypatch.setenv("XLA_FLAGS", "--foo")
         cli.set_cpu_xla_defaults()
@@ -257,7 +257,7 @@ def test_cpu_xla_defaults_choose_eigen_without_avx512_and_wide_vectors_with_it(m
     monkeypatch.setattr(cpu_peak, "cpu_has_avx512", lambda: True)
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
     cli.set_cpu_xla_defaults()
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_prefer_vector_width=256"
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_prefer_vector_width=256 --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"
     monkeypatch.setenv("LMJAX_XLA_CPU_DEFAULTS", "off")
     monkeypatch.setenv("XLA_FLAGS", "--foo")
     cli.set_cpu_xla_defaults()

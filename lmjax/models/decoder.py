@@ -59,6 +59,7 @@ from lmjax.models.layers import (
     learned_positions,
     make_norm,
     output_logits,
+    run_layer,
     scan_stack,
 )
 from lmjax.models.fused_cross_entropy import output_cross_entropy
@@ -137,7 +138,7 @@ class DecoderLM(LanguageModel):
         if not cfg.scan_layers:
             for i in range(cfg.n_layers):
                 block = block_cls(cfg, decode=decode, mlp_cls=MoEFeedForward if i in moe_layers else MLP, name=f"layer_{i}")
-                x_BTD, _ = block(x_BTD, positions_BT, segment_ids_BT)
+                x_BTD, _ = run_layer(cfg, block, x_BTD, positions_BT, segment_ids_BT)
             return x_BTD
         if not moe_layers:
             stacks = [scan_stack(block_cls, cfg.n_layers)(cfg, decode=decode, name="layers")]

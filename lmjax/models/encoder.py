@@ -45,6 +45,7 @@ from lmjax.models.layers import (
     make_norm,
     output_logits,
     partitioned_normal,
+    run_layer,
     scan_stack,
 )
 
@@ -82,7 +83,7 @@ class EncoderMLM(LanguageModel):
             x_BTD, _ = scan_stack(block_cls, cfg.n_layers)(cfg, causal=False, name="layers")(x_BTD, positions_BT, segment_ids_BT)
         else:
             for i in range(cfg.n_layers):
-                x_BTD, _ = block_cls(cfg, causal=False, name=f"layer_{i}")(x_BTD, positions_BT, segment_ids_BT)
+                x_BTD, _ = run_layer(cfg, block_cls(cfg, causal=False, name=f"layer_{i}"), x_BTD, positions_BT, segment_ids_BT)
         if not cfg.post_norm:
             x_BTD = make_norm(cfg, "final_norm")(x_BTD)
 

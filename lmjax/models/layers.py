@@ -351,6 +351,37 @@ def block_class(config: ModelConfig, decode: bool = False, block: type[nn.Module
     return nn.remat(block, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
 
 
+def run_layer(config: ModelConfig, block: nn.Module, *args):
+    """Calls one layer of an unrolled stack, `block(*args)`; under remat its backward recomputation
+    waits for the layer's cotangent.
+
+    XLA schedules an unrolled model's recomputation (norms, SwiGLU's sigmoid: element-wise work on
+    the saved activations) as soon as those activations exist, in the forward pass, and keeps the
+    results of every layer alive until the backward reaches it (bench_cpu: ~220 MiB more than the
+    scanned model, whose loop body keeps it local). An optimization barrier does not stop that on
+    XLA:CPU; a data dependency does: the saved values gain a zero taken from the cotangent, an add
+    that fuses into their first use. (A NaN or inf in the cotangent's first entry reaches every
+    gradient through the matmuls anyway.)"""
+    if config.remat == "none" or getattr(block, "decode", False) or getattr(block, "mlp_cls", MLP) is not MLP:
+        return block(*args)  # no recomputation to order; MoE layers sow statistics, which custom_vjp does not carry
+    return nn.custom_vjp(_call_layer, forward_fn=_layer_forward, backward_fn=_layer_backward)(block, *args)
+
+
+def _call_layer(block: nn.Module, *args):
+    return block(*args)
+
+
+def _layer_forward(block: nn.Module, *args):
+    return nn.vjp(_call_layer, block, *args)  # the vjp function: a pytree of the saved values
+
+
+def _layer_backward(vjp_fn, cotangent):
+    x_cotangent, _ = cotangent  # a layer returns (x, None)
+    zero = x_cotangent.reshape(-1)[0] * 0
+    vjp_fn = jax.tree.map(lambda r: r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r, vjp_fn)
+    return vjp_fn(cotangent)
+
+
 def scan_stack(module_cls: type[nn.Module], length: int) -> type[nn.Module]:
     """`length` copies of `module_cls` stacked on a leading 'layers' axis (params, KV cache and
     sown statistics alike), run by one compiled loop body."""

@@ -53,6 +53,7 @@ from lmjax.models.layers import (
     init_std,
     make_norm,
     partitioned_normal,
+    run_layer,
     scan_stack,
 )
 
@@ -121,7 +122,7 @@ def _stack(cfg: ModelConfig, block: type[nn.Module], n_layers: int, decode: bool
         x_BTD, _ = scan_stack(block_cls, n_layers)(cfg, decode=decode, **block_kwargs, name="layers")(x_BTD, *args)
         return x_BTD
     for i in range(n_layers):
-        x_BTD, _ = block_cls(cfg, decode=decode, **block_kwargs, name=f"layer_{i}")(x_BTD, *args)
+        x_BTD, _ = run_layer(cfg, block_cls(cfg, decode=decode, **block_kwargs, name=f"layer_{i}"), x_BTD, *args)
     return x_BTD
 
 
