@@ -360,8 +360,10 @@ def run_layer(config: ModelConfig, block: nn.Module, *args):
     results of every layer alive until the backward reaches it (bench_cpu: ~220 MiB more than the
     scanned model, whose loop body keeps it local). An optimization barrier does not stop that on
     XLA:CPU; a data dependency does: the saved values gain a zero taken from the cotangent, an add
-    that fuses into their first use. (A NaN or inf in the cotangent's first entry reaches every
-    gradient through the matmuls anyway.)"""
+    that fuses into their element-wise uses. Attention heads ([B, T, N, H], the only 4-d values
+    saved) are left as they are: the attention backward that reads them needs the cotangent anyway,
+    and the CPU kernel would read the add as a copy (bench_cpu: 24 copies of 6 MiB per step). A NaN
+    or inf in the cotangent's first entry reaches every gradient through the matmuls anyway."""
     if config.remat == "none" or getattr(block, "decode", False) or getattr(block, "mlp_cls", MLP) is not MLP:
         return block(*args)  # no recomputation to order; MoE layers sow statistics, which custom_vjp does not carry
     return nn.custom_vjp(_call_layer, forward_fn=_layer_forward, backward_fn=_layer_backward)(block, *args)
@@ -378,7 +380,7 @@ def _layer_forward(block: nn.Module, *args):
 def _layer_backward(vjp_fn, cotangent):
     x_cotangent, _ = cotangent  # a layer returns (x, None)
     zero = x_cotangent.reshape(-1)[0] * 0
-    vjp_fn = jax.tree.map(lambda r: r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r, vjp_fn)
+    vjp_fn = jax.tree.map(lambda r: r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) and r.ndim < 4 else r, vjp_fn)
     return vjp_fn(cotangent)
 
 
