@@ -40,8 +40,9 @@ def set_cpu_xla_defaults() -> None:
     (Intel Xeon, AVX-512 and AMX) YNNPACK is ~10% faster, so XLA's default stays, and the element-wise
     and reduction loops XLA emits itself use 512-bit vectors instead of XLA's default 256 (~8%), and
     the concurrency-optimized scheduler runs independent ops side by side (unrolled layers ~5%
-    faster, scanned ones unchanged; thirteenth round). Read when the backend starts, so set before first use; an XLA_FLAGS that already mentions an
-    option wins, and LMJAX_XLA_CPU_DEFAULTS=off keeps XLA's own."""
+    faster in paired steps, scanned ones unchanged; thirteenth round). Read when the backend
+    starts, so set before first use; an XLA_FLAGS that already mentions an option wins, and
+    LMJAX_XLA_CPU_DEFAULTS=off keeps XLA's own."""
     from lmjax.cpu_peak import cpu_has_avx512  # imports no jax: this runs before jax starts
 
     if os.environ.get("LMJAX_XLA_CPU_DEFAULTS", "").lower() in ("0", "off", "false"):

@@ -231,3 +231,13 @@ def test_bert_tiny_beats_its_targets(tmp_path):
     summary = train(load_config("configs/bert_tiny.yaml", [f"run_dir={tmp_path / 'bert'}", "logging.wandb=off", "logging.progress=false"]))
     assert summary["final_eval_loss"] < 0.75 * math.log(2048)
     assert summary["final_eval_mlm_accuracy"] > summary["final_eval_unigram_accuracy"]
+
+
+def test_unrolled_remat_keeps_gradients():
+    # The encoder's unrolled layers under remat run through layers.run_layer (a custom_vjp).
+    models = [build_model(load_config(None, ENCODER + ["model.scan_layers=false", f"model.remat={r}"]).model) for r in ("none", "dots")]
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 16)), jnp.int32)
+    params = models[0].init(jax.random.key(0), tokens)["params"]
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 512)), jnp.float32)
+    grads = [jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, tokens) * weights))(params) for m in models]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), *grads)
