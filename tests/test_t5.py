@@ -310,7 +310,7 @@ def test_sweep_over_t5_sizes_plans_by_encoder_and_decoder_tokens_and_runs(tmp_pa
 def test_unrolled_remat_keeps_gradients(remat):
     # Unrolled layers under remat run through layers.run_layer (a custom_vjp that orders the
     # recomputation after the cotangent): gradients equal those without remat.
-    cfg, model, params = t5_model("model.scan_layers=false")
+    _, model, params = t5_model("model.scan_layers=false")
     _, rematted, _ = t5_model("model.scan_layers=false", f"model.remat={remat}")
     rng = np.random.default_rng(2)
     enc = jnp.asarray(rng.integers(4, 96, (2, 10)), jnp.int32)
