@@ -26,6 +26,7 @@ import lmjax
 from lmjax import flops, sharding
 from lmjax.config import Config, to_dict
 from lmjax.errors import UserError
+from lmjax.models import cpu_matmul
 from lmjax.train.step import ModelSetup, compile_train_step
 
 
@@ -70,6 +71,7 @@ def run_bench(
 
     with sharding.activate(mesh, setup.rules):
         state, compiled, compile_time = compile_step(setup, cfg.seed, batches[0])
+        matmul = "mkl" if cpu_matmul.calls_in(compiled.as_text()) else "xla"  # which matmuls the step runs
         state, metrics = compiled(state, batches[0])
         jax.block_until_ready(metrics)
         time_to_first_step = time.perf_counter() - process_start
@@ -127,6 +129,7 @@ def run_bench(
         "objective": setup.task.name,
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "matmul": matmul,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "mesh": dict(mesh.shape),
         "jax_version": jax.__version__,
@@ -136,7 +139,7 @@ def run_bench(
     print(
         f"{result['device']} | step {step_time * 1e3:.1f} ms (p10 {result['step_time_p10_s'] * 1e3:.1f}, "
         f"p90 {result['step_time_p90_s'] * 1e3:.1f}) | {tokens_per_sec:,.0f} tokens/s | "
-        f"{result['tflops_per_sec']:.3f} TFLOP/s | MFU {result['mfu']:.1%} of {peak / 1e12:.2f} TFLOP/s ({peak_source}) | "
+        f"{result['tflops_per_sec']:.3f} TFLOP/s | matmuls {matmul.upper()} | MFU {result['mfu']:.1%} of {peak / 1e12:.2f} TFLOP/s ({peak_source}) | "
         f"compile {compile_time:.1f}s | first step after {time_to_first_step:.1f}s | "
         f"peak memory {memory / 2**20:,.0f} MiB ({memory_source}) | "
         f"input pipeline {data_batches_per_sec:,.0f} batches/s = {result['data_headroom']:,.0f}x the step rate"

@@ -22,7 +22,7 @@ import pytest
 
 from lmjax import sharding
 from lmjax.config import ConfigError, load_config
-from lmjax.models import ModelInputError, build_model
+from lmjax.models import ModelInputError, build_model, cpu_matmul
 from lmjax.models.fused_cross_entropy import fused_cross_entropy, fused_cross_entropy_loss
 from lmjax.tasks import CausalLMTask
 
@@ -120,10 +120,11 @@ def test_training_loss_with_forward_gradients_equals_the_plain_computation(n_tok
 
 
 def vocab_matmuls(fn, *args) -> int:
-    """Matmuls with the vocabulary in an operand or the result in `fn`'s lowered program (a scan
-    body's count once)."""
+    """Matmuls with the vocabulary in an operand or the result in `fn`'s lowered program: XLA's dots
+    and the MKL kernel's calls (a scan body's count once)."""
     text = jax.jit(fn).lower(*args).as_text()
-    return sum(1 for line in text.splitlines() if "stablehlo.dot_general" in line and re.search(rf"[<x]{V}x", line))
+    return sum(1 for line in text.splitlines()
+               if ("stablehlo.dot_general" in line or f"@{cpu_matmul.TARGET}(" in line) and re.search(rf"[<x]{V}x", line))
 
 
 def test_training_loss_computes_three_vocab_matmuls_not_four():

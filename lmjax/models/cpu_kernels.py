@@ -60,21 +60,25 @@ def _compiler() -> str:
     return cxx
 
 
-def build() -> Path:
-    """The compiled shared library, built now if this machine has none cached."""
+def build(source: Path = SOURCE, link: tuple[str, ...] = ()) -> Path:
+    """The shared library compiled from `source` (linked with `link`), built now if this machine has
+    none cached."""
     cxx = _compiler()
     include = jax.ffi.include_dir()
-    key = cache_key(source=file_sha256(SOURCE), flags=FLAGS, cxx=cxx, jaxlib=jaxlib.__version__, cpu=_cpu_flags())
+    headers = {h.name: file_sha256(h) for h in sorted(source.parent.glob("*.h"))}  # what the sources include
+    key = cache_key(source=file_sha256(source), headers=headers, flags=FLAGS, link=link, cxx=cxx, jaxlib=jaxlib.__version__,
+                    cpu=_cpu_flags())
+    library = f"{source.stem}.so"
 
     def compile_into(folder: Path) -> None:
-        cmd = [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(folder / "attention_cpu.so")]
+        cmd = [cxx, *FLAGS, f"-I{include}", str(source), "-o", str(folder / library), *link]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise KernelBuildError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-2000:]}")
 
     cache = os.environ.get("LMJAX_KERNEL_CACHE", "~/.cache/lmjax")
     folder, _ = cached_folder(cache, "kernels", key, compile_into)
-    return folder / "attention_cpu.so"
+    return folder / library
 
 
 @functools.cache

@@ -38,6 +38,7 @@ from lmjax.models.layers import (
     LanguageModel,
     ModelInputError,
     block_class,
+    dense_options,
     gelu,
     init_std,
     learned_positions,
@@ -87,8 +88,7 @@ class EncoderMLM(LanguageModel):
         if not cfg.post_norm:
             x_BTD = make_norm(cfg, "final_norm")(x_BTD)
 
-        common = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        head_dense = Dense((cfg.d_model,), ("embed", "mlp"), init_std(cfg, "head_dense"), use_bias=cfg.use_bias, name="head_dense", **common)
+        head_dense = Dense((cfg.d_model,), ("embed", "mlp"), init_std(cfg, "head_dense"), name="head_dense", **dense_options(cfg))
         h_BTD = head_dense(x_BTD)
         h_BTD = nn.with_logical_constraint(gelu(h_BTD, cfg), RESIDUAL_AXES)
         h_BTD = make_norm(cfg, "head_norm")(h_BTD)

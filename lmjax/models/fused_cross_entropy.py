@@ -40,12 +40,13 @@ import jax.numpy as jnp
 
 from lmjax import sharding
 from lmjax.config import ModelConfig
+from lmjax.models import cpu_matmul
 from lmjax.models.layers import Embed, unembed_matrix
 from lmjax.models.mup import logit_multiplier
 
 
 def fused_cross_entropy(x_ND: jax.Array, w: jax.Array, targets_N: jax.Array, *, chunk_tokens: int,
-                        multiplier: float = 1.0, w_layout: str = "dv") -> tuple[jax.Array, jax.Array]:
+                        multiplier: float = 1.0, w_layout: str = "dv", matmul: str = "auto") -> tuple[jax.Array, jax.Array]:
     """Per-token cross-entropy and log-partition (float32 [N] each) of the logits
     `multiplier * x_ND @ W` against int `targets_N`, `chunk_tokens` tokens at a time.
 
@@ -54,13 +55,13 @@ def fused_cross_entropy(x_ND: jax.Array, w: jax.Array, targets_N: jax.Array, *, 
     (x and w) up to float32 rounding of the summation order.
     """
     chunked = _Chunked(x_ND, chunk_tokens, w_layout)
-    ce_Cc, log_z_Cc = _chunked_cross_entropy(float(multiplier), w_layout, chunked.x_CcD, w, chunked.split(targets_N))
+    ce_Cc, log_z_Cc = _chunked_cross_entropy(float(multiplier), w_layout, matmul, chunked.x_CcD, w, chunked.split(targets_N))
     return chunked.join(ce_Cc), chunked.join(log_z_Cc)
 
 
 def fused_cross_entropy_loss(x_ND: jax.Array, w: jax.Array, targets_N: jax.Array, weights_N: jax.Array, *,
                              z_loss: float, chunk_tokens: int, multiplier: float = 1.0,
-                             w_layout: str = "dv") -> tuple[jax.Array, jax.Array, jax.Array]:
+                             w_layout: str = "dv", matmul: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
     """(loss, ce_N, log_z_N) for training: loss = sum_n weights_n (ce_n + z_loss log_z_n^2), a float32
     scalar, with the per-token values of `fused_cross_entropy`, which here carry no gradient.
 
@@ -72,7 +73,7 @@ def fused_cross_entropy_loss(x_ND: jax.Array, w: jax.Array, targets_N: jax.Array
     and gradients as `fused_cross_entropy` under this objective, up to float32 rounding.
     """
     chunked = _Chunked(x_ND, chunk_tokens, w_layout)
-    loss, ce_Cc, log_z_Cc = _chunked_loss(float(multiplier), w_layout, float(z_loss), chunked.x_CcD, w,
+    loss, ce_Cc, log_z_Cc = _chunked_loss(float(multiplier), w_layout, matmul, float(z_loss), chunked.x_CcD, w,
                                           chunked.split(targets_N), chunked.split(weights_N.astype(jnp.float32)))
     # _chunked_loss's backward reads only the loss's cotangent: no gradient may reach the others.
     return loss, jax.lax.stop_gradient(chunked.join(ce_Cc)), jax.lax.stop_gradient(chunked.join(log_z_Cc))
@@ -91,7 +92,8 @@ def output_cross_entropy(module: nn.Module, config: ModelConfig, embed: Embed, x
     else:
         w, layout = unembed_matrix(module, config).astype(x_BTD.dtype), "dv"
     x_ND, targets_N = x_BTD.reshape(batch * length, d_model), targets_BT.reshape(-1)
-    options = dict(chunk_tokens=config.loss_chunk_tokens, multiplier=logit_multiplier(config), w_layout=layout)
+    options = dict(chunk_tokens=config.loss_chunk_tokens, multiplier=logit_multiplier(config), w_layout=layout,
+                   matmul=config.matmul)
     as_BT = lambda a_N: nn.with_logical_constraint(a_N.reshape(batch, length), ("batch", "length"))  # noqa: E731
     if weights_BT is None:
         ce_N, log_z_N = fused_cross_entropy(x_ND, w, targets_N, **options)
@@ -127,8 +129,22 @@ class _Chunked:
         return a_Cc.swapaxes(0, 1).reshape(-1)[: self.n_tokens]
 
 
-def _chunk_logits(multiplier: float, w_layout: str, x_cD: jax.Array, w: jax.Array) -> jax.Array:
-    logits_cV = jnp.einsum(f"cd,{w_layout}->cv", x_cD, w, preferred_element_type=jnp.float32)
+def _einsum(matmul: str, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """The 2-D product `spec` ("ij,jk->ik" up to operand order: one contracted index, the output the
+    two kept ones in operand order) in float32, through the MKL kernel where `matmul` is auto and it
+    applies (lmjax/models/cpu_matmul.py), else XLA's dot."""
+    if matmul == "auto":
+        operands, _ = spec.split("->")
+        lhs, rhs = operands.split(",")
+        (k,) = set(lhs) & set(rhs)
+        product = cpu_matmul.product(a, b, trans_a=lhs[0] == k, trans_b=rhs[1] == k)
+        if product is not None:
+            return product
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _chunk_logits(multiplier: float, w_layout: str, matmul: str, x_cD: jax.Array, w: jax.Array) -> jax.Array:
+    logits_cV = _einsum(matmul, f"cd,{w_layout}->cv", x_cD, w)
     if multiplier != 1.0:  # skipped at 1.0, as in layers.output_logits
         logits_cV = logits_cV * multiplier
     return nn.with_logical_constraint(logits_cV, ("batch", "vocab"))
@@ -152,15 +168,15 @@ def _target_logits(logits_cV: jax.Array, is_target_cV: jax.Array, targets_c: jax
     return jnp.where((targets_c >= 0) & (targets_c < V), picked_c, 0.0)
 
 
-def _chunk_cross_entropy(multiplier, w_layout, x_cD, w, targets_c):
+def _chunk_cross_entropy(multiplier, w_layout, matmul, x_cD, w, targets_c):
     """One chunk's (logits, target one-hot, cross-entropy, log Z)."""
-    logits_cV = _chunk_logits(multiplier, w_layout, x_cD, w)
+    logits_cV = _chunk_logits(multiplier, w_layout, matmul, x_cD, w)
     is_target_cV = _is_target(logits_cV, targets_c)
     log_z_c = jax.nn.logsumexp(logits_cV, axis=-1)
     return logits_cV, is_target_cV, log_z_c - _target_logits(logits_cV, is_target_cV, targets_c), log_z_c
 
 
-def _chunk_gradients(multiplier, w_layout, x_cD, w, logits_cV, is_target_cV, log_z_c, softmax_weight_c, target_weight_c):
+def _chunk_gradients(multiplier, w_layout, matmul, x_cD, w, logits_cV, is_target_cV, log_z_c, softmax_weight_c, target_weight_c):
     """One chunk's (dx, dW as [D, V] float32) for d logits = softmax x softmax_weight - onehot x
     target_weight (per token): the cross-entropy's with (d ce + d log Z, d ce)."""
     probs_cV = jnp.exp(logits_cV - log_z_c[:, None])
@@ -168,9 +184,9 @@ def _chunk_gradients(multiplier, w_layout, x_cD, w, logits_cV, is_target_cV, log
     if multiplier != 1.0:
         dlogits_cV = dlogits_cV * multiplier
     dlogits_cV = dlogits_cV.astype(x_cD.dtype)  # matmuls in the compute dtype, float32 accumulation
-    dx_cD = jnp.einsum(f"cv,{w_layout}->cd", dlogits_cV, w, preferred_element_type=jnp.float32)
+    dx_cD = _einsum(matmul, f"cv,{w_layout}->cd", dlogits_cV, w)
     # dW as [D, V] in either layout: XLA:CPU's "cd,cv->dv" runs ~1.2x its "cd,cv->vd".
-    dw_DV = jnp.einsum("cd,cv->dv", x_cD, dlogits_cV, preferred_element_type=jnp.float32)
+    dw_DV = _einsum(matmul, "cd,cv->dv", x_cD, dlogits_cV)
     return dx_cD.astype(x_cD.dtype), dw_DV
 
 
@@ -182,34 +198,34 @@ def _in_layout(w_layout, dw_DV_f32, dtype) -> jax.Array:
     return (dw_DV_f32 if w_layout == "dv" else dw_DV_f32.T).astype(dtype)
 
 
-def _forward(multiplier, w_layout, x_CcD, w, targets_Cc):
+def _forward(multiplier, w_layout, matmul, x_CcD, w, targets_Cc):
     def step(_, chunk):
         x_cD, targets_c = chunk
-        _, _, ce_c, log_z_c = _chunk_cross_entropy(multiplier, w_layout, x_cD, w, targets_c)
+        _, _, ce_c, log_z_c = _chunk_cross_entropy(multiplier, w_layout, matmul, x_cD, w, targets_c)
         return None, (ce_c, log_z_c)
 
     _, (ce_Cc, log_z_Cc) = jax.lax.scan(step, None, (x_CcD, targets_Cc))
     return ce_Cc, log_z_Cc
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunked_cross_entropy(multiplier, w_layout, x_CcD, w, targets_Cc):
-    return _forward(multiplier, w_layout, x_CcD, w, targets_Cc)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunked_cross_entropy(multiplier, w_layout, matmul, x_CcD, w, targets_Cc):
+    return _forward(multiplier, w_layout, matmul, x_CcD, w, targets_Cc)
 
 
-def _chunked_fwd(multiplier, w_layout, x_CcD, w, targets_Cc):
-    ce_Cc, log_z_Cc = _forward(multiplier, w_layout, x_CcD, w, targets_Cc)
+def _chunked_fwd(multiplier, w_layout, matmul, x_CcD, w, targets_Cc):
+    ce_Cc, log_z_Cc = _forward(multiplier, w_layout, matmul, x_CcD, w, targets_Cc)
     return (ce_Cc, log_z_Cc), (x_CcD, w, targets_Cc, log_z_Cc)
 
 
-def _chunked_bwd(multiplier, w_layout, residuals, cotangents):
+def _chunked_bwd(multiplier, w_layout, matmul, residuals, cotangents):
     x_CcD, w, targets_Cc, log_z_Cc = residuals
     dce_Cc, dlog_z_Cc = cotangents
 
     def step(dw_DV_f32, chunk):
         x_cD, targets_c, log_z_c, dce_c, dlog_z_c = chunk
-        logits_cV = _chunk_logits(multiplier, w_layout, x_cD, w)  # the forward's, recomputed
-        dx_cD, dw_DV = _chunk_gradients(multiplier, w_layout, x_cD, w, logits_cV, _is_target(logits_cV, targets_c),
+        logits_cV = _chunk_logits(multiplier, w_layout, matmul, x_cD, w)  # the forward's, recomputed
+        dx_cD, dw_DV = _chunk_gradients(multiplier, w_layout, matmul, x_cD, w, logits_cV, _is_target(logits_cV, targets_c),
                                         log_z_c, dce_c + dlog_z_c, dce_c)
         return dw_DV_f32 + dw_DV, dx_cD
 
@@ -229,19 +245,19 @@ def _weighted_sum(z_loss, weights_Cc, ce_Cc, log_z_Cc) -> jax.Array:
     return loss + z_loss * jnp.sum(weights_Cc * jnp.square(log_z_Cc)) if z_loss else loss
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _chunked_loss(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weights_Cc):
-    ce_Cc, log_z_Cc = _forward(multiplier, w_layout, x_CcD, w, targets_Cc)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _chunked_loss(multiplier, w_layout, matmul, z_loss, x_CcD, w, targets_Cc, weights_Cc):
+    ce_Cc, log_z_Cc = _forward(multiplier, w_layout, matmul, x_CcD, w, targets_Cc)
     return _weighted_sum(z_loss, weights_Cc, ce_Cc, log_z_Cc), ce_Cc, log_z_Cc
 
 
-def _chunked_loss_fwd(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weights_Cc):
+def _chunked_loss_fwd(multiplier, w_layout, matmul, z_loss, x_CcD, w, targets_Cc, weights_Cc):
     """The forward, and the loss's dx and dW from each chunk's logits while they are at hand."""
     def step(dw_DV_f32, chunk):
         x_cD, targets_c, weights_c = chunk
-        logits_cV, is_target_cV, ce_c, log_z_c = _chunk_cross_entropy(multiplier, w_layout, x_cD, w, targets_c)
+        logits_cV, is_target_cV, ce_c, log_z_c = _chunk_cross_entropy(multiplier, w_layout, matmul, x_cD, w, targets_c)
         softmax_weight_c = weights_c * (1.0 + 2.0 * z_loss * log_z_c)  # d loss / d log_z_c
-        dx_cD, dw_DV = _chunk_gradients(multiplier, w_layout, x_cD, w, logits_cV, is_target_cV, log_z_c,
+        dx_cD, dw_DV = _chunk_gradients(multiplier, w_layout, matmul, x_cD, w, logits_cV, is_target_cV, log_z_c,
                                         softmax_weight_c, weights_c)
         return dw_DV_f32 + dw_DV, (ce_c, log_z_c, dx_cD)
 
@@ -250,7 +266,7 @@ def _chunked_loss_fwd(multiplier, w_layout, z_loss, x_CcD, w, targets_Cc, weight
     return (_weighted_sum(z_loss, weights_Cc, ce_Cc, log_z_Cc), ce_Cc, log_z_Cc), (dx_CcD, dw_DV_f32, w_dtype)
 
 
-def _chunked_loss_bwd(multiplier, w_layout, z_loss, residuals, cotangents):
+def _chunked_loss_bwd(multiplier, w_layout, matmul, z_loss, residuals, cotangents):
     dx_CcD, dw_DV_f32, w_dtype = residuals
     dloss = cotangents[0]  # ce and log_z leave fused_cross_entropy_loss through stop_gradient
     return (dloss * dx_CcD).astype(dx_CcD.dtype), _in_layout(w_layout, dloss * dw_DV_f32, w_dtype.dtype), None, None

@@ -22,6 +22,7 @@ import flax.linen as nn
 
 from lmjax.config import ConfigError, ModelConfig
 from lmjax.errors import UserError
+from lmjax.models import cpu_matmul
 from lmjax.models.activations import gelu, swiglu
 from lmjax.models.feature_params import add_bias, scale_features
 from lmjax.models.flash_attention import ATTENTION_LSE, ATTENTION_OUT, blockwise_attention
@@ -81,6 +82,7 @@ class Dense(nn.Module):
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    matmul: str = "auto"  # ModelConfig.matmul
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -91,7 +93,10 @@ class Dense(nn.Module):
         # (experiments/bench/README.md); GSPMD merges the sharded leading axes without moving data.
         lead_shape = x.shape[: x.ndim - self.in_dims]
         x_2d = x.reshape(math.prod(lead_shape), math.prod(in_shape)).astype(self.dtype)
-        y_2d = x_2d @ kernel.reshape(math.prod(in_shape), math.prod(self.features)).astype(self.dtype)
+        kernel_2d = kernel.reshape(math.prod(in_shape), math.prod(self.features)).astype(self.dtype)
+        y_2d = cpu_matmul.matmul(x_2d, kernel_2d) if self.matmul == "auto" else None
+        if y_2d is None:
+            y_2d = x_2d @ kernel_2d
         if self.use_bias:  # its gradient a matrix-vector product, not XLA:CPU's slow column reduction
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.in_dims :])
             y_2d = add_bias(y_2d, self.param("bias", bias_init, self.features, self.param_dtype).reshape(-1))
@@ -133,7 +138,8 @@ def make_norm(config: ModelConfig, name: str) -> nn.Module:
 
 
 def dense_options(config: ModelConfig) -> dict:
-    return dict(use_bias=config.use_bias, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+    return dict(use_bias=config.use_bias, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+                matmul=config.matmul)
 
 
 def head_projection(config: ModelConfig, name: str, heads: int, heads_axis: str) -> Callable[[jax.Array], jax.Array]:
@@ -332,12 +338,13 @@ class Block(nn.Module):
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    # Saves weight matmul outputs and blockwise attention's output and logsumexp (linear in T);
+    # Saves weight matmul outputs (XLA's dots, and the MKL kernel's by name) and blockwise attention's
+    # output and logsumexp (linear in T);
     # recomputes norms, RoPE and activations. Attention's score einsums have batch dimensions, so the
     # [B, N, T, T] scores are never stored.
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE)),
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE, cpu_matmul.DENSE_OUT)),
 }
 
 
