@@ -3,8 +3,9 @@
 A CPU has no datasheet number a framework can look up, and the rate a single library reaches
 understates what the machine can do, so the peak is the best dense matmul rate that any backend
 reaches: XLA:CPU with each of its matmul backends (YNNPACK fusions, XLA's default in jaxlib 0.10;
-Eigen; oneDNN; XNNPACK where this jaxlib routes a dot to it), and PyTorch's `torch.mm` when torch is
-installed. Each backend runs in its own subprocess, because XLA reads XLA_FLAGS once, when its CPU
+Eigen; oneDNN; XNNPACK where this jaxlib routes a dot to it), lmjax's own MKL kernel when the `mkl`
+extra is installed (lmjax/models/cpu_matmul.py, what `model.matmul: auto` runs), and PyTorch's
+`torch.mm` when torch is installed. Each backend runs in its own subprocess, because XLA reads XLA_FLAGS once, when its CPU
 backend starts, and because the measuring process's own flags (the CLI's Eigen default, the tests'
 eight fake devices) must not decide the peak. Square matrices of each size in `DEFAULT_SIZES`; after
 a warm-up call, the best of `repeats` timed calls counts.
@@ -18,6 +19,7 @@ CONFIG --remeasure-peak` replaces it (do that on an idle machine: other work low
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -32,13 +34,13 @@ from typing import Any, Iterator
 from lmjax.errors import UserError
 
 CPU_PEAK_CACHE = Path("~/.cache/lmjax/cpu_peak.json")
-RECORD_VERSION = 2  # entries of another version (version 1 had no record) are measured again
+RECORD_VERSION = 3  # entries of another version are measured again (1 had no record, 2 no MKL kernel)
 DEFAULT_SIZES = (1024, 2048, 4096)
 DEFAULT_REPEATS = 5  # best of 5: a busy machine's slow calls drop out
 # A training run on a machine without a cached peak does not wait the ~40 s of the full measurement:
 # it measures these few backends and sizes (a few seconds) and caches that as a "quick" record, which
 # `lmjax bench` (the numbers users compare) replaces by the full one.
-QUICK = {"backends": ("default", "eigen"), "sizes": (1024, 2048), "repeats": 3, "include_torch": False}
+QUICK = {"backends": ("default", "eigen"), "sizes": (1024, 2048), "repeats": 3, "include_torch": False, "include_mkl": False}
 WORKER_TIMEOUT_S = 900
 # Larger sizes are skipped once a call takes this long: the rate stopped growing long before, and
 # bf16 on a CPU without bf16 units would otherwise spend minutes at 4096 in every backend.
@@ -58,6 +60,7 @@ XLA_BACKENDS: dict[str, tuple[str, str | None]] = {
     "xnnpack": (f"{_NO_YNN} --xla_cpu_experimental_xnn_fusion_type=dot", "xnnpack"),
 }
 TORCH = "torch.mm"
+MKL = "lmjax MKL"  # lmjax's MKL matmul kernel (float32)
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 
 
@@ -132,10 +135,13 @@ def measure_backend(
     if backend == TORCH:
         env.pop("XLA_FLAGS", None)
         entry["optional"] = True  # counted when torch is installed; the peak does not depend on it
+    elif backend == MKL:
+        env.pop("XLA_FLAGS", None)  # a custom call: XLA's matmul flags do not reach it
+        entry["optional"] = True  # counted when the mkl extra is installed
     elif backend in XLA_BACKENDS:
         env["XLA_FLAGS"] = entry["xla_flags"] = XLA_BACKENDS[backend][0]
     else:
-        raise CpuPeakError(f"CPU peak: unknown backend {backend!r}; expected one of {', '.join([*XLA_BACKENDS, TORCH])}")
+        raise CpuPeakError(f"CPU peak: unknown backend {backend!r}; expected one of {', '.join([*XLA_BACKENDS, MKL, TORCH])}")
     expected = XLA_BACKENDS[backend][1] if backend in XLA_BACKENDS else None
     spec = {"backend": backend, "expected": expected, "dtype": dtype, "sizes": list(sizes), "repeats": repeats}
     try:
@@ -157,6 +163,14 @@ def _torch_installed() -> bool:
     return importlib.util.find_spec("torch") is not None  # without importing it (seconds, and memory)
 
 
+def _mkl_installed() -> bool:
+    try:  # the wheel holds libraries only, no module to find
+        importlib.metadata.distribution("mkl")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _best_of(entry: dict[str, Any]) -> tuple[float, int | None]:
     """(best rate, its size) of one backend; (0, None) when it measured nothing."""
     rates = [(max(r["flops_per_sec"]), r["size"]) for r in entry.get("results", []) if r.get("flops_per_sec")]
@@ -165,7 +179,7 @@ def _best_of(entry: dict[str, Any]) -> tuple[float, int | None]:
 
 def measure(
     dtype: str = "float32", sizes: tuple[int, ...] = DEFAULT_SIZES, repeats: int = DEFAULT_REPEATS,
-    backends: tuple[str, ...] | None = None, include_torch: bool = True,
+    backends: tuple[str, ...] | None = None, include_torch: bool = True, include_mkl: bool = True,
 ) -> dict[str, Any]:
     """Measure every backend (one after the other: they share the cores) and keep the best rate.
 
@@ -179,6 +193,11 @@ def measure(
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     names = list(XLA_BACKENDS if backends is None else backends)
     entries = [measure_backend(name, dtype, sizes, repeats) for name in names]
+    if include_mkl:
+        if not _mkl_installed():
+            entries.append({"backend": MKL, "optional": True, "unavailable": "the mkl extra is not installed"})
+        else:
+            entries.append(measure_backend(MKL, dtype, sizes, repeats))
     if include_torch:
         if not _torch_installed():
             entries.append({"backend": TORCH, "optional": True, "unavailable": "torch is not installed"})
@@ -251,7 +270,7 @@ def cpu_peak_record(dtype: str = "float32", remeasure: bool = False, quick: bool
     of an older format, or `remeasure`), plus "cache_file" and "from_cache" (not stored).
     `quick`: a cached quick record will do, and a missing one is measured quickly (`QUICK`);
     otherwise a quick record is replaced by the full measurement.
-    `measure_kwargs` go to `measure` (sizes, repeats, backends, include_torch)."""
+    `measure_kwargs` go to `measure` (sizes, repeats, backends, include_torch, include_mkl)."""
     path = CPU_PEAK_CACHE.expanduser()
     key = cache_key(dtype)
 
@@ -275,8 +294,8 @@ def cpu_peak_record(dtype: str = "float32", remeasure: bool = False, quick: bool
 
 
 def _label(entry: dict[str, Any], size: int | None = None) -> str:
-    if entry["backend"] == TORCH:
-        return TORCH
+    if entry["backend"] in (TORCH, MKL):
+        return entry["backend"]
     routes = {r.get("route") for r in entry.get("results", []) if r.get("size") == size or size is None}
     route = routes.pop() if len(routes) == 1 else None
     if entry["backend"] == "default" and route:
@@ -367,7 +386,31 @@ def _worker_torch(dtype: str, sizes: list[int], repeats: int) -> dict[str, Any]:
     return {"results": results, "torch_version": torch.__version__, "threads": threads}
 
 
+def _worker_mkl(dtype: str, sizes: list[int], repeats: int) -> dict[str, Any]:
+    if dtype != "float32":
+        return {"unavailable": f"the MKL kernel is float32 only, not {dtype}"}
+    import jax
+    import numpy as np
+
+    from lmjax.models import cpu_matmul
+
+    if not cpu_matmul.available():
+        return {"unavailable": "the MKL kernel could not be built or loaded (see the warning)"}
+    results: list[dict[str, Any]] = []
+    for n in sizes:
+        if skip := _too_slow(results, n):
+            results.append(skip)
+            continue
+        x = jax.device_put(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+        compiled = jax.jit(cpu_matmul.product).lower(x, x).compile()
+        times = _time(lambda: compiled(x, x).block_until_ready(), repeats)
+        results.append({"size": n, "flops_per_sec": [2.0 * n**3 / t for t in times]})
+    return {"results": results}
+
+
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec["backend"] == MKL:
+        return _worker_mkl(spec["dtype"], spec["sizes"], spec["repeats"])
     if spec["backend"] == TORCH:
         return _worker_torch(spec["dtype"], spec["sizes"], spec["repeats"])
     return _worker_xla(spec["expected"], spec["dtype"], spec["sizes"], spec["repeats"])

@@ -3,13 +3,15 @@ and is reused, a bad entry is measured again, and a real worker subprocess measu
 Real measurements here use 256 x 256 and one timing: seconds, never the 4096 default."""
 
 import json
+import platform
+import sys
 
 import pytest
 
 from lmjax import cpu_peak
 from lmjax.cli import build_parser
 
-RATES = {"default": 9e10, "eigen": 1.2e11, "onednn": 1.1e11, cpu_peak.TORCH: 1.5e11}
+RATES = {"default": 9e10, "eigen": 1.2e11, "onednn": 1.1e11, cpu_peak.MKL: 1.4e11, cpu_peak.TORCH: 1.5e11}
 
 
 @pytest.fixture
@@ -18,6 +20,7 @@ def fake_backends(tmp_path, monkeypatch):
     is unavailable. Returns the list of (backend, dtype) measured, in order."""
     monkeypatch.setattr(cpu_peak, "CPU_PEAK_CACHE", tmp_path / "cache" / "cpu_peak.json")
     monkeypatch.setattr(cpu_peak, "_torch_installed", lambda: True)
+    monkeypatch.setattr(cpu_peak, "_mkl_installed", lambda: True)
     calls = []
 
     def measure_backend(name, dtype, sizes, repeats):
@@ -35,23 +38,26 @@ def fake_backends(tmp_path, monkeypatch):
 def test_best_rate_of_any_backend_and_size_is_the_peak(fake_backends):
     record = cpu_peak.measure("float32", sizes=(128, 256), repeats=2)
     assert record["flops_per_sec"] == 1.5e11 and record["best"] == {"backend": "torch.mm", "size": 256}
-    assert [e["backend"] for e in record["backends"]] == [*cpu_peak.XLA_BACKENDS, "torch.mm"]
+    assert [e["backend"] for e in record["backends"]] == [*cpu_peak.XLA_BACKENDS, "lmjax MKL", "torch.mm"]
     assert record["sizes"] == [128, 256] and record["repeats"] == 2 and record["version"] == cpu_peak.RECORD_VERSION
     line = cpu_peak.describe(record)
-    assert line.startswith("150.0 GFLOP/s float32, measured: best of torch.mm 150.0 @256, XLA eigen 120.0 @256, ")
+    assert line.startswith("150.0 GFLOP/s float32, measured: best of torch.mm 150.0 @256, lmjax MKL 140.0 @256, XLA eigen 120.0 @256, ")
     assert "XLA default (ynnpack) 90.0 @256" in line and "XLA xnnpack unavailable" in line
     assert f" at load {record['load_average'][0]:.1f} on {record['cores']} cores" in line  # a busy machine's peak is low
 
 
-def test_without_torch_the_record_says_so(fake_backends, monkeypatch):
+def test_without_torch_or_mkl_the_record_says_so(fake_backends, monkeypatch):
     monkeypatch.setattr(cpu_peak, "_torch_installed", lambda: False)
+    monkeypatch.setattr(cpu_peak, "_mkl_installed", lambda: False)
     record = cpu_peak.measure("float32", sizes=(256,), repeats=1)
     assert record["best"] == {"backend": "eigen", "size": 256}
-    assert record["backends"][-1] == {"backend": "torch.mm", "optional": True, "unavailable": "torch is not installed"}
+    assert record["backends"][-2:] == [{"backend": "lmjax MKL", "optional": True, "unavailable": "the mkl extra is not installed"},
+                                       {"backend": "torch.mm", "optional": True, "unavailable": "torch is not installed"}]
 
 
 def test_no_measurable_backend_is_one_line_error(fake_backends, monkeypatch):
     monkeypatch.setattr(cpu_peak, "_torch_installed", lambda: False)
+    monkeypatch.setattr(cpu_peak, "_mkl_installed", lambda: False)
     with pytest.raises(cpu_peak.CpuPeakError, match=r"^CPU peak: no matmul backend could be measured \(xnnpack: .*\)$"):
         cpu_peak.measure("float32", sizes=(256,), repeats=1, backends=("xnnpack",))
     with pytest.raises(cpu_peak.CpuPeakError, match="repeats must be an integer >= 1"):
@@ -82,7 +88,7 @@ def test_cache_records_the_method_and_is_reused(fake_backends):
     assert "cache_file" not in stored and "from_cache" not in stored
     assert not list(cpu_peak.CPU_PEAK_CACHE.parent.glob("*.tmp"))  # written by an atomic replace
     cpu_peak.cpu_peak_record("float32", remeasure=True, sizes=(256,), repeats=1)
-    backends = len(cpu_peak.XLA_BACKENDS) + 1  # and torch.mm
+    backends = len(cpu_peak.XLA_BACKENDS) + 2  # and the MKL kernel and torch.mm
     assert len(fake_backends) == measured + 2 * backends  # bfloat16, then the remeasure
 
 
@@ -110,6 +116,15 @@ def test_worker_subprocess_measures_one_xla_backend():
     (result,) = entry["results"]
     assert result["size"] == 256 and result["route"] == "eigen"  # read from the compiled HLO
     assert len(result["flops_per_sec"]) == 1 and result["flops_per_sec"][0] > 0
+
+
+def test_worker_subprocess_measures_the_mkl_kernel():
+    if not (sys.platform == "linux" and platform.machine() == "x86_64"):
+        pytest.skip("the mkl extra (in test) installs on x86-64 Linux only")
+    entry = cpu_peak.measure_backend(cpu_peak.MKL, "float32", sizes=(128,), repeats=1)
+    assert entry["backend"] == "lmjax MKL" and entry["optional"] and "xla_flags" not in entry
+    assert entry["results"][0]["size"] == 128 and entry["results"][0]["flops_per_sec"][0] > 0
+    assert "float32 only" in cpu_peak.measure_backend(cpu_peak.MKL, "bfloat16", sizes=(128,), repeats=1)["unavailable"]
 
 
 def test_worker_subprocess_measures_torch():
@@ -147,6 +162,6 @@ def test_training_runs_take_a_quick_peak_that_bench_replaces(fake_backends):
     assert cpu_peak.cpu_peak_record("float32", quick=True)["from_cache"]  # the next run reuses it
     measured = len(fake_backends)
     full = cpu_peak.cpu_peak_record("float32", sizes=(256,), repeats=1)  # bench: the quick record does not do
-    assert not full["from_cache"] and not full.get("quick") and len(fake_backends) == measured + len(cpu_peak.XLA_BACKENDS) + 1
+    assert not full["from_cache"] and not full.get("quick") and len(fake_backends) == measured + len(cpu_peak.XLA_BACKENDS) + 2
     again = cpu_peak.cpu_peak_record("float32", quick=True)  # and training runs then read the full one
     assert again["from_cache"] and not again.get("quick") and again["flops_per_sec"] == full["flops_per_sec"]
