@@ -142,8 +142,9 @@ class ModelConfig:
     # blockwise (lmjax/models/flash_attention.py: flash attention, memory linear in seq_len; float32 on a CPU runs
     # in a native kernel, lmjax/models/attention_cpu.cc), blockwise_xla (the same in XLA ops only, on every backend).
     attention: str = choices("xla", "cudnn", "blockwise", "blockwise_xla", default="xla")
-    # Dense layers' matmuls: auto runs float32 ones on a single CPU device through MKL where the optional
-    # `mkl` extra is installed (lmjax/models/cpu_matmul.py), XLA's dots elsewhere; xla: XLA's dots everywhere.
+    # Matmuls of Dense layers and the fused cross-entropy: auto runs float32 ones on a single CPU device through
+    # MKL where the optional `mkl` extra is installed (lmjax/models/cpu_matmul.py), XLA's dots elsewhere; xla:
+    # XLA's dots everywhere.
     matmul: str = choices("auto", "xla", default="auto")
     # causal_lm/sft: fused readout + cross-entropy in chunks of this many tokens, keeping no fp32 [tokens, V] logits (fused_cross_entropy.py)
     loss_chunk_tokens: int | None = None  # None: full logits
