@@ -15,7 +15,8 @@ import pytest
 
 from lmjax.config import load_config
 from lmjax.models import build_model, cpu_matmul
-from lmjax.models.layers import REMAT_POLICIES, Dense
+from lmjax.models.layers import Dense
+from lmjax.models.stacking import REMAT_POLICIES
 from lmjax.sharding import activate, axis_rules, make_mesh
 
 # The `mkl` extra (in `test`) installs on x86-64 Linux: there the kernel must be available, so no

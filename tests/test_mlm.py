@@ -234,7 +234,7 @@ def test_bert_tiny_beats_its_targets(tmp_path):
 
 
 def test_unrolled_remat_keeps_gradients():
-    # The encoder's unrolled layers under remat run through layers.run_layer (a custom_vjp).
+    # The encoder's unrolled layers under remat run through stacking.run_layer (a custom_vjp).
     models = [build_model(load_config(None, ENCODER + ["model.scan_layers=false", f"model.remat={r}"]).model) for r in ("none", "dots")]
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 16)), jnp.int32)
     params = models[0].init(jax.random.key(0), tokens)["params"]

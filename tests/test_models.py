@@ -163,7 +163,7 @@ def planned_gradient_memory(cfg: ModelConfig) -> float:
 
 @pytest.mark.parametrize("remat,attention", [("dots", "blockwise"), ("dots", "xla"), ("full", "xla")])
 def test_unrolled_layers_plan_no_more_memory_than_scanned(remat, attention):
-    # layers.run_layer: without it XLA hoists every unrolled layer's recomputation into the forward
+    # stacking.run_layer: without it XLA hoists every unrolled layer's recomputation into the forward
     # pass and keeps its results alive (here 1.3x to 3x the scanned model's temporaries).
     shape = dict(d_model=64, n_layers=4, d_ff=256, max_seq_len=128, remat=remat, attention=attention)
     scanned = planned_gradient_memory(tiny(**shape))

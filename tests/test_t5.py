@@ -308,7 +308,7 @@ def test_sweep_over_t5_sizes_plans_by_encoder_and_decoder_tokens_and_runs(tmp_pa
 
 @pytest.mark.parametrize("remat", ["dots", "full"])
 def test_unrolled_remat_keeps_gradients(remat):
-    # Unrolled layers under remat run through layers.run_layer (a custom_vjp that orders the
+    # Unrolled layers under remat run through stacking.run_layer (a custom_vjp that orders the
     # recomputation after the cotangent): gradients equal those without remat.
     _, model, params = t5_model("model.scan_layers=false")
     _, rematted, _ = t5_model("model.scan_layers=false", f"model.remat={remat}")

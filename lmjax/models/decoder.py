@@ -55,15 +55,13 @@ from lmjax.models.layers import (
     Embed,
     LanguageModel,
     ModelInputError,
-    block_class,
     learned_positions,
     make_norm,
     output_logits,
-    run_layer,
-    scan_stack,
 )
 from lmjax.models.fused_cross_entropy import output_cross_entropy
 from lmjax.models.moe import STATS, MoEFeedForward, aux_loss_and_metrics
+from lmjax.models.stacking import block_class, run_layer, scan_stack
 
 # Names a model may sow at its top level in the 'intermediates' collection; a task adds
 # AUX_LOSS (a per-token scalar) to its objective and logs AUX_METRICS (a dict of per-token

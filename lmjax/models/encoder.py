@@ -37,7 +37,6 @@ from lmjax.models.layers import (
     Embed,
     LanguageModel,
     ModelInputError,
-    block_class,
     dense_options,
     gelu,
     init_std,
@@ -46,9 +45,8 @@ from lmjax.models.layers import (
     make_norm,
     output_logits,
     partitioned_normal,
-    run_layer,
-    scan_stack,
 )
+from lmjax.models.stacking import block_class, run_layer, scan_stack
 
 
 class EncoderMLM(LanguageModel):

@@ -49,13 +49,11 @@ from lmjax.models.layers import (
     Embed,
     LanguageModel,
     ModelInputError,
-    block_class,
     init_std,
     make_norm,
     partitioned_normal,
-    run_layer,
-    scan_stack,
 )
+from lmjax.models.stacking import block_class, run_layer, scan_stack
 
 
 def relative_position_buckets(relative_BTS: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
