@@ -71,7 +71,9 @@ def run_bench(
 
     with sharding.activate(mesh, setup.rules):
         state, compiled, compile_time = compile_step(setup, cfg.seed, batches[0])
-        matmul = "mkl" if cpu_matmul.calls_in(compiled.as_text()) else "xla"  # which matmuls the step runs
+        # Which matmuls the step runs; the kernel is CPU-only, so no other backend's program is printed.
+        on_cpu = jax.default_backend() == "cpu"
+        matmul = "mkl" if on_cpu and cpu_matmul.calls_in(compiled.as_text()) else "xla"
         state, metrics = compiled(state, batches[0])
         jax.block_until_ready(metrics)
         time_to_first_step = time.perf_counter() - process_start

@@ -346,7 +346,10 @@ def _time(call: Any, repeats: int) -> list[float]:
     return times
 
 
-def _worker_xla(expected: str | None, dtype: str, sizes: list[int], repeats: int) -> dict[str, Any]:
+def _worker_xla(expected: str | None, dtype: str, sizes: list[int], repeats: int, product: Any = None,
+                route_of: Any = _xla_route) -> dict[str, Any]:
+    """Rates of `product` (default `jnp.dot`) compiled by XLA, each size's route read from the compiled
+    program by `route_of`; sizes not compiled to `expected` (when given) are skipped."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -358,8 +361,8 @@ def _worker_xla(expected: str | None, dtype: str, sizes: list[int], repeats: int
             continue
         # Operands made on the host: a jitted random generator would compile once per size.
         x = jax.device_put(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32).astype(jnp.dtype(dtype)))
-        compiled = jax.jit(jnp.dot).lower(x, x).compile()
-        route = _xla_route(compiled.as_text())
+        compiled = jax.jit(jnp.dot if product is None else product).lower(x, x).compile()
+        route = route_of(compiled.as_text())
         if expected is not None and route != expected:
             results.append({"size": n, "route": route, "skipped": f"XLA compiled the dot to {route}, not {expected}"})
             continue
@@ -389,23 +392,12 @@ def _worker_torch(dtype: str, sizes: list[int], repeats: int) -> dict[str, Any]:
 def _worker_mkl(dtype: str, sizes: list[int], repeats: int) -> dict[str, Any]:
     if dtype != "float32":
         return {"unavailable": f"the MKL kernel is float32 only, not {dtype}"}
-    import jax
-    import numpy as np
-
     from lmjax.models import cpu_matmul
 
     if not cpu_matmul.available():
         return {"unavailable": "the MKL kernel could not be built or loaded (see the warning)"}
-    results: list[dict[str, Any]] = []
-    for n in sizes:
-        if skip := _too_slow(results, n):
-            results.append(skip)
-            continue
-        x = jax.device_put(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
-        compiled = jax.jit(cpu_matmul.product).lower(x, x).compile()
-        times = _time(lambda: compiled(x, x).block_until_ready(), repeats)
-        results.append({"size": n, "flops_per_sec": [2.0 * n**3 / t for t in times]})
-    return {"results": results}
+    return _worker_xla("mkl", dtype, sizes, repeats, product=cpu_matmul.product,
+                       route_of=lambda hlo: "mkl" if cpu_matmul.calls_in(hlo) else _xla_route(hlo))
 
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:

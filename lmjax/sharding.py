@@ -112,6 +112,13 @@ def host_batch_to_global(batch: dict[str, np.ndarray], shardings: dict[str, Name
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
+def whole_arrays() -> bool:
+    """Whether code traced here sees whole arrays: no mesh, a mesh of one device, or inside a
+    shard_map over every mesh axis (where a custom call needs no partitioning)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual
+
+
 def run_per_shard(fn, args: tuple[jax.Array, ...], logical_axes: tuple[tuple[str | None, ...], ...],
                   out_axes: tuple[str | None, ...], *, whole: tuple[str, ...] = ()):
     """`fn(*args)` run on each device's shard (jax.shard_map) under the active mesh and logical-axis
@@ -120,9 +127,9 @@ def run_per_shard(fn, args: tuple[jax.Array, ...], logical_axes: tuple[tuple[str
     or inside a shard_map over every mesh axis, `fn(*args)` itself. None, with nothing run, where the
     rules split a logical axis of `whole`, an argument does not split evenly (shard_map does not pad),
     or only some mesh axes are manual."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
+    if whole_arrays():
         return fn(*args)
+    mesh = jax.sharding.get_abstract_mesh()
     if mesh.manual_axes:
         return None
     specs = [nn.logical_to_mesh_axes(axes) for axes in logical_axes]

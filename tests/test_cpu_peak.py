@@ -124,6 +124,7 @@ def test_worker_subprocess_measures_the_mkl_kernel():
     entry = cpu_peak.measure_backend(cpu_peak.MKL, "float32", sizes=(128,), repeats=1)
     assert entry["backend"] == "lmjax MKL" and entry["optional"] and "xla_flags" not in entry
     assert entry["results"][0]["size"] == 128 and entry["results"][0]["flops_per_sec"][0] > 0
+    assert entry["results"][0]["route"] == "mkl"  # the compiled program called the kernel
     assert "float32 only" in cpu_peak.measure_backend(cpu_peak.MKL, "bfloat16", sizes=(128,), repeats=1)["unavailable"]
 
 

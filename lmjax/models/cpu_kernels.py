@@ -81,12 +81,17 @@ def build(source: Path = SOURCE, link: tuple[str, ...] = ()) -> Path:
     return folder / library
 
 
+def register(source: Path, targets: dict[str, str], link: tuple[str, ...] = ()) -> None:
+    """Builds `source` (if needed), loads it and registers each FFI target name -> handler symbol for the CPU."""
+    library = ctypes.cdll.LoadLibrary(str(build(source, link)))
+    for target, symbol in targets.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+
+
 @functools.cache
 def _load() -> bool:
-    """Builds (if needed), loads and registers the FFI targets once per process."""
-    library = ctypes.cdll.LoadLibrary(str(build()))
-    jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.LmjaxAttentionForward), platform="cpu")
-    jax.ffi.register_ffi_target(BACKWARD_TARGET, jax.ffi.pycapsule(library.LmjaxAttentionBackward), platform="cpu")
+    """The attention kernel's targets, registered once per process."""
+    register(SOURCE, {FORWARD_TARGET: "LmjaxAttentionForward", BACKWARD_TARGET: "LmjaxAttentionBackward"})
     return True
 
 

@@ -15,13 +15,12 @@ extra: `pip install 'lmjax[mkl]'`, x86-64 Linux). Callers then use XLA's dot.
 The product is named `DENSE_OUT` for activation checkpointing: `model.remat: dots` saves it, as it
 saves XLA's dots, so the backward does not run the forward's matmuls again.
 
-The kernel is compiled on first use like the attention kernel (`cpu_kernels.build`), linked against
+The kernel is compiled on first use like the attention kernel (`cpu_kernels.register`), linked against
 the MKL of the `mkl` wheel (sequential MKL: the kernel splits each product over XLA's own threads).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import importlib.metadata
 import warnings
@@ -31,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from lmjax.models.cpu_kernels import KernelBuildError, build
+from lmjax import sharding
+from lmjax.models.cpu_kernels import KernelBuildError, register
 
 SOURCE = Path(__file__).with_name("matmul_cpu.cc")
 TARGET = "lmjax_matmul_cpu"
@@ -72,8 +72,7 @@ def available() -> bool:
     if folder is None:
         return False
     try:
-        library = ctypes.cdll.LoadLibrary(str(build(SOURCE, _link_arguments(folder))))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.LmjaxMatmul), platform="cpu")
+        register(SOURCE, {TARGET: "LmjaxMatmul"}, _link_arguments(folder))
     except (KernelBuildError, OSError, AttributeError) as e:
         warnings.warn(f"lmjax: the MKL matmul kernel is unavailable, using XLA's matmuls: {e}", stacklevel=2)
         return False
@@ -112,10 +111,7 @@ def applies(*operands: jax.Array) -> bool:
         return False
     if jax.default_backend() != "cpu":
         return False
-    mesh = jax.sharding.get_abstract_mesh()
-    if not (mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual):
-        return False
-    return available()
+    return sharding.whole_arrays() and available()
 
 
 def matmul(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array | None:
