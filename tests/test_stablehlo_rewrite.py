@@ -46,7 +46,7 @@ def test_bfloat16_roundings_stay():
     assert "reduce_precision" in lowered.as_text()
 
 
-def test_train_step_is_compiled_without_them_and_takes_the_same_steps(tiny_overrides, tmp_path):
+def test_train_step_is_compiled_without_them_and_takes_the_same_steps(tiny_overrides, tmp_path, monkeypatch):
     # One device: the MKL matmul and the attention kernel run, whose saved outputs were copied.
     cfg = load_config(None, tiny_overrides + [f"run_dir={tmp_path}", "model.remat=dots", "model.attention=blockwise"])
     setup = ModelSetup.build(cfg, jax.devices()[:1])
@@ -61,6 +61,8 @@ def test_train_step_is_compiled_without_them_and_takes_the_same_steps(tiny_overr
         assert REDUCE_PRECISION_HLO in reference.as_text()
         compiled = compile_train_step(setup.train_step(), setup.factory.create(0), batch)
         assert REDUCE_PRECISION_HLO not in compiled.as_text()
+        monkeypatch.setenv("LMJAX_STABLEHLO_REWRITE", "off")  # the switch that benchmarks compare against
+        assert REDUCE_PRECISION_HLO in compile_train_step(setup.train_step(), setup.factory.create(0), batch).as_text()
         states = [setup.factory.create(0), setup.factory.create(0)]
         for _ in range(3):
             states[0], metrics = reference(states[0], batch)

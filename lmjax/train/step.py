@@ -9,6 +9,7 @@ is, and what a batch holds, is the task's business (`lmjax.tasks`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -174,9 +175,10 @@ def compile_train_step(train_step, state: TrainState, batch: dict[str, jax.Array
     shapes and shardings, which every later step repeats. The compiler's freed memory is handed
     back to the OS before the step first runs (`release_free_heap`), so that it is not counted
     again under every step's temporaries: -240 MiB of peak RSS on configs/bench_cpu.yaml. On the
-    CPU, checkpointing's float32 identity roundings are dropped first (`stablehlo_rewrite`)."""
+    CPU, checkpointing's float32 identity roundings are dropped first (`stablehlo_rewrite`;
+    LMJAX_STABLEHLO_REWRITE=off compiles the program as jax lowers it)."""
     lowered = train_step.lower(state, batch)
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" and os.environ.get("LMJAX_STABLEHLO_REWRITE", "").lower() not in ("0", "off", "false"):
         # In place, on the module compile() reads (jax's cached lowering of this function: the
         # rewrite changes no value, so whoever lowers it again gets an equal program).
         drop_identity_reduce_precision(lowered.compiler_ir("stablehlo"))
