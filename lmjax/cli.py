@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lmjax.errors import UserError
 from lmjax.scaling.runs import PARAM_CONVENTIONS, SEED_AGGREGATES  # light: csv, json, yaml
+from lmjax.switches import switched_off
 
 EXIT_USER_ERROR = 2
 
@@ -45,7 +46,7 @@ def set_cpu_xla_defaults() -> None:
     LMJAX_XLA_CPU_DEFAULTS=off keeps XLA's own."""
     from lmjax.cpu_peak import cpu_has_avx512  # imports no jax: this runs before jax starts
 
-    if os.environ.get("LMJAX_XLA_CPU_DEFAULTS", "").lower() in ("0", "off", "false"):
+    if switched_off("LMJAX_XLA_CPU_DEFAULTS"):
         return
     avx512 = cpu_has_avx512()
     defaults = ({"xla_cpu_prefer_vector_width": "512", "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}
@@ -72,7 +73,7 @@ def restart_with_hugepage_malloc(argv: list[str], program: list[str] | None = No
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables
-            or os.environ.get("LMJAX_HUGEPAGE_MALLOC", "").lower() in ("0", "off", "false")):
+            or switched_off("LMJAX_HUGEPAGE_MALLOC")):
         return
     env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, HUGEPAGE_TUNABLE))))
     sys.stdout.flush()

@@ -6,7 +6,7 @@ dtype (`reduce_precision` with the dtype's exponent and mantissa bits; jax PR 22
 recomputed in the backward cannot differ from the forward's through excess precision. For float32
 that rounding is the identity, but XLA:CPU keeps the op: where the residual comes from a custom call
 (the MKL matmul, the attention kernel) it runs as a copy of its own, and both copies stay alive
-(bench_cpu, `remat: dots`: 30 copies per step, ~1% of the step and ~60 MiB of peak RSS;
+(bench_cpu, `remat: dots`: 30 copies per step, ~1% of the step and 38-68 MiB of peak RSS;
 experiments/bench/README.md, fifteenth round). Only float32 is touched, where the op changes no bit;
 for bfloat16 or float16 the rounding is what stops XLA's excess precision, and stays.
 """

@@ -9,7 +9,6 @@ is, and what a batch holds, is the task's business (`lmjax.tasks`).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lmjax import sharding
 from lmjax.config import Config
 from lmjax.host_memory import release_free_heap
+from lmjax.switches import switched_off
 from lmjax.models import build_model
 from lmjax.tasks import Task, build_task
 from lmjax.train.optim import make_optimizer
@@ -178,7 +178,7 @@ def compile_train_step(train_step, state: TrainState, batch: dict[str, jax.Array
     CPU, checkpointing's float32 identity roundings are dropped first (`stablehlo_rewrite`;
     LMJAX_STABLEHLO_REWRITE=off compiles the program as jax lowers it)."""
     lowered = train_step.lower(state, batch)
-    if jax.default_backend() == "cpu" and os.environ.get("LMJAX_STABLEHLO_REWRITE", "").lower() not in ("0", "off", "false"):
+    if jax.default_backend() == "cpu" and not switched_off("LMJAX_STABLEHLO_REWRITE"):
         # In place, on the module compile() reads (jax's cached lowering of this function: the
         # rewrite changes no value, so whoever lowers it again gets an equal program).
         drop_identity_reduce_precision(lowered.compiler_ir("stablehlo"))
