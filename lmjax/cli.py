@@ -57,25 +57,27 @@ def set_cpu_xla_defaults() -> None:
             os.environ["XLA_FLAGS"] = f"{flags} --{option}={value}".strip()
 
 
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def restart_with_hugepage_malloc(argv: list[str], program: list[str] | None = None) -> None:
-    """Re-executes this command (same PID) with glibc's malloc asking for transparent huge pages.
-
-    XLA:CPU allocates an executable's temporaries afresh on every run, and glibc hands blocks that
-    large out as new mmaps: with 4 KiB pages each train step faults every page in again (bench_cpu:
-    ~144k page faults, ~0.6 GB zeroed by the kernel, about 5% of the step). With huge pages, ~1k.
-    The tunable is read when a process starts, hence the restart, before anything is imported.
-    Linux only; LMJAX_HUGEPAGE_MALLOC=off, or a GLIBC_TUNABLES that already sets it, skips it.
-    `program` is what the interpreter runs, before `argv`: this module by default, or a script's path
-    (a tool that must measure the step as `lmjax bench` runs it).
+def restart_with_tuned_malloc(argv: list[str], program: list[str] | None = None) -> None:
+    """Re-executes this command (same PID) with the malloc `lmjax.host_memory` chooses: jemalloc,
+    keeping XLA:CPU's per-step temporaries mapped from one step to the next, where the system has
+    it; else glibc's with transparent huge pages. The allocator is chosen when a process starts,
+    hence the restart, before anything is imported. Under jemalloc (the restarted process, or one
+    the user preloaded it into), single-device CPU programs run inline (jax's
+    `jax_cpu_enable_async_dispatch` off), so that one step's temporaries are freed before the next
+    step takes its own. Linux only; LMJAX_JEMALLOC=off keeps glibc,
+    LMJAX_HUGEPAGE_MALLOC=off (or an allocator already chosen) skips the restart. `program` is what
+    the interpreter runs, before `argv`: this module by default, or a script's path (a tool that
+    must measure the step as `lmjax bench` runs it).
     """
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables
-            or switched_off("LMJAX_HUGEPAGE_MALLOC")):
+    from lmjax.host_memory import find_jemalloc, jemalloc_in_use, restart_environment
+
+    env = restart_environment(os.environ, sys.platform, find_jemalloc())
+    if env is None:
+        if jemalloc_in_use():
+            import jax  # starts no backend: the option is read when the CPU backend starts
+
+            jax.config.update("jax_cpu_enable_async_dispatch", False)
         return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, HUGEPAGE_TUNABLE))))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *(program or ["-m", "lmjax.cli"]), *argv], env)
@@ -361,7 +363,7 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the process's own command line (`lmjax ...`, `python -m lmjax.cli ...`), not a call in-process
-        restart_with_hugepage_malloc(sys.argv[1:])
+        restart_with_tuned_malloc(sys.argv[1:])
     args = parse_with_overrides(build_parser(), argv)
     from lmjax import distributed
 

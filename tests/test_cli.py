@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from lmjax import cli, cpu_peak
+from lmjax import cli, cpu_peak, host_memory
 from lmjax.config import load_yaml, Config, load_config, replace
 
 
@@ -208,13 +208,15 @@ def test_eval_prints_its_result_and_no_library_notices(tmp_path, tiny_overrides)
     assert "read only" not in result.stderr and "read_only" not in result.stderr, result.stderr
 
 
-def test_the_command_restarts_once_with_hugepage_malloc(monkeypatch):
+def test_the_command_restarts_once_with_the_chosen_malloc(monkeypatch):
     calls = []
     monkeypatch.setattr(cli.os, "execve", lambda *args: calls.append(args))
     monkeypatch.setattr(cli.sys, "platform", "linux")
-    monkeypatch.delenv("LMJAX_HUGEPAGE_MALLOC", raising=False)
+    monkeypatch.setattr(host_memory, "find_jemalloc", lambda: None)  # glibc's huge pages
+    for var in ("LMJAX_HUGEPAGE_MALLOC", "LMJAX_JEMALLOC", "LD_PRELOAD", "MALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    cli.restart_with_hugepage_malloc(["bench", "c.yaml", "model.remat=dots"])
+    cli.restart_with_tuned_malloc(["bench", "c.yaml", "model.remat=dots"])
     ((executable, argv, env),) = calls
     assert argv == [sys.executable, "-m", "lmjax.cli", "bench", "c.yaml", "model.remat=dots"]
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"  # the user's tunables kept
@@ -222,22 +224,50 @@ def test_the_command_restarts_once_with_hugepage_malloc(monkeypatch):
         with monkeypatch.context() as m:
             for key, value in already_set.items():
                 m.setenv(key, value)
-            cli.restart_with_hugepage_malloc(["bench"])
+            cli.restart_with_tuned_malloc(["bench"])
     assert len(calls) == 1  # the restarted process, or a user who opted out, runs as it is
     monkeypatch.delenv("GLIBC_TUNABLES")
-    cli.restart_with_hugepage_malloc(["c.yaml", "--steps", "3"], program=["/x/profile_step.py"])  # a script restarts as itself
+    cli.restart_with_tuned_malloc(["c.yaml", "--steps", "3"], program=["/x/profile_step.py"])  # a script restarts as itself
     assert calls[1][1] == [sys.executable, "/x/profile_step.py", "c.yaml", "--steps", "3"]
+    monkeypatch.setattr(host_memory, "find_jemalloc", lambda: "libjemalloc.so.2")  # the system has jemalloc
+    cli.restart_with_tuned_malloc(["bench"])
+    assert calls[2][2]["LD_PRELOAD"] == "libjemalloc.so.2" and calls[2][2]["MALLOC_CONF"] == host_memory.JEMALLOC_CONF
+    assert "GLIBC_TUNABLES" not in calls[2][2]
 
 
 def test_the_restarted_command_keeps_its_arguments_and_exit_status(tmp_path):
-    # A real restart (no GLIBC_TUNABLES given): the re-executed process parses the same arguments and reports
+    # A real restart (no allocator chosen yet): the re-executed process parses the same arguments and reports
     # the missing config once, with the user-error status; a restart loop would hit the timeout instead.
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LMJAX_HUGEPAGE_MALLOC")}
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LMJAX_HUGEPAGE_MALLOC", "LD_PRELOAD", "MALLOC_CONF")}
     missing = tmp_path / "no_such.yaml"
     result = subprocess.run([sys.executable, "-m", "lmjax.cli", "eval", str(missing)], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.count("error:") == 1 and str(missing) in result.stderr
+
+
+RESTARTED = """
+import os, sys
+from lmjax.cli import restart_with_tuned_malloc
+restart_with_tuned_malloc(sys.argv[1:], program=[os.path.abspath(__file__)])
+import jax
+from lmjax.host_memory import jemalloc_in_use
+print(sys.argv[1:], os.environ.get("LD_PRELOAD"), jemalloc_in_use(), jax.config.values["jax_cpu_enable_async_dispatch"])
+"""
+
+
+@pytest.mark.skipif(host_memory.find_jemalloc() is None, reason="jemalloc is not installed (apt-get install libjemalloc2)")
+def test_a_restart_under_jemalloc_runs_cpu_programs_inline(tmp_path):
+    """The real restart where the system has jemalloc: the process runs on it, and dispatches
+    single-device CPU programs inline, so a step's temporaries are freed before the next step's
+    are taken. With LMJAX_JEMALLOC=off it stays on glibc and jax's asynchronous dispatch."""
+    script = tmp_path / "restarted.py"
+    script.write_text(RESTARTED)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LMJAX_HUGEPAGE_MALLOC", "LD_PRELOAD", "MALLOC_CONF")}
+    for jemalloc, expected in (("", f"['a=1'] {host_memory.find_jemalloc()} True False"), ("off", "['a=1'] None False True")):
+        result = subprocess.run([sys.executable, str(script), "a=1"], env=dict(env, LMJAX_JEMALLOC=jemalloc),
+                                capture_output=True, text=True, timeout=120, check=True)
+        assert result.stdout.strip() == expected, result.stderr
 
 
 def test_cpu_xla_defaults_choose_eigen_without_avx512_and_wide_vectors_with_it(monkeypatch):

@@ -150,3 +150,18 @@ def test_learning_rate_matches_lmjax_schedule():
     schedule = make_schedule(cfg)
     for step in range(22):
         assert tr.learning_rate(step, a) == pytest.approx(float(schedule(step)), rel=1e-5)
+
+
+def test_the_peer_runs_on_the_malloc_the_lmjax_command_picks(monkeypatch):
+    """peer.py hands the peer the allocator lmjax restarts itself with (only the variables that
+    change), or nothing with --peer-malloc system."""
+    from lmjax.host_memory import JEMALLOC_CONF
+
+    for var in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", "LMJAX_JEMALLOC", "LMJAX_HUGEPAGE_MALLOC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(peer.sys, "platform", "linux")
+    monkeypatch.setattr(peer, "find_jemalloc", lambda: "libjemalloc.so.2")
+    assert peer.peer_malloc_environment("lmjax") == {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": JEMALLOC_CONF}
+    assert peer.peer_malloc_environment("system") == {}
+    monkeypatch.setenv("LMJAX_JEMALLOC", "off")
+    assert peer.peer_malloc_environment("lmjax") == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}

@@ -5,7 +5,8 @@
 
 Each `--variant NAME [env:VAR=VALUE ...] [key=value ...]` is one process: lmjax's step as `lmjax bench`
 builds it, with those environment variables and lmjax overrides on top of the shared shape; the name
-`peer` is the PyTorch peer (torch_reference.py) of the same resolved config. Every process builds and
+`peer` (or `peer-LABEL`, another one, e.g. with other env: settings) is the PyTorch peer
+(torch_reference.py) of the same resolved config. Every process builds and
 warms up its step first, one after another, then waits; a round then runs one step of each variant in
 turn (the order reversed every other round, so a drift in the machine's speed falls on every variant
 alike), while the others sleep. On this kind of machine (2 shared vCPUs) the speed of whole runs drifts
@@ -34,6 +35,11 @@ ROOT = HERE.parents[1]
 PEER = "peer"
 
 
+def is_peer(name: str) -> bool:
+    """`peer`, or `peer-LABEL` for another PyTorch peer process (with its own env: settings)."""
+    return name == PEER or name.startswith(PEER + "-")
+
+
 def parse_variant(tokens: list[str]) -> dict:
     """NAME [env:VAR=VALUE ...] [key=value ...] -> {name, env, overrides}."""
     name, *rest = tokens
@@ -48,8 +54,8 @@ def parse_variant(tokens: list[str]) -> dict:
             overrides.append(token)
         else:
             raise ValueError(f"variant {name}: expected env:VAR=VALUE or an lmjax key=value override, got {token!r}")
-    if name == PEER and overrides:
-        raise ValueError(f"variant {PEER} is the PyTorch peer of the shared shape: it takes no lmjax overrides, got {overrides}")
+    if is_peer(name) and overrides:
+        raise ValueError(f"variant {name} is the PyTorch peer of the shared shape: it takes no lmjax overrides, got {overrides}")
     return {"name": name, "env": env, "overrides": overrides}
 
 
@@ -78,7 +84,7 @@ def child(side: str, config: str, overrides: list[str]) -> None:
 
 
 def start(variant: dict, args: argparse.Namespace) -> subprocess.Popen:
-    side = PEER if variant["name"] == PEER else "lmjax"
+    side = PEER if is_peer(variant["name"]) else "lmjax"
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--config", args.config,
            *args.overrides, *variant["overrides"]]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **variant["env"]}, stdin=subprocess.PIPE,
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     for v in variants:  # bad overrides fail here, in one line, not inside a child
         try:
             cfgs.append(load_config(args.config, args.overrides + v["overrides"]))
-            if v["name"] == PEER:
+            if is_peer(v["name"]):
                 peer_cli_args(cfgs[-1])
         except (UserError, PeerError) as e:
             p.error(f"{v['name']}: {e}")

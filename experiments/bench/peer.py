@@ -4,7 +4,9 @@
     .venv/bin/python experiments/bench/peer.py --style gpt2 --seq-len 512 --batch 8
 
 Runs `--pairs` pairs, each side in its own subprocess so neither inherits the other's threads,
-allocator or caches. The order inside a pair alternates (lmjax first, then the peer first, ...),
+allocator or caches. The peer gets the malloc the `lmjax` command restarts itself with (jemalloc
+where the system has it, `lmjax.host_memory`), so that neither side gains from its allocator alone;
+`--peer-malloc system` runs it on python's own. The order inside a pair alternates (lmjax first, then the peer first, ...),
 so a slow drift of the machine's load weighs on both sides alike. The peer's every option comes
 from the same resolved lmjax config (CONFIG + overrides) that `lmjax bench` runs, so the two
 shapes cannot disagree; a config the peer does not implement is an error, and so is a
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 
 from lmjax.config import Config, load_config
+from lmjax.host_memory import find_jemalloc, restart_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 PEER = Path(__file__).resolve().parent / "torch_reference.py"
@@ -88,9 +92,20 @@ def peer_cli_args(cfg: Config) -> list[str]:
     return [item for key, value in values.items() for item in (f"--{key}", str(value))]
 
 
-def run_side(name: str, cmd: list[str], out: Path) -> dict:
+def peer_malloc_environment(choice: str) -> dict[str, str]:
+    """The variables the peer's process gets on top of this one's: with `lmjax`, the allocator the
+    `lmjax` command restarts itself with (jemalloc where the system has it, else glibc's huge
+    pages: lmjax.host_memory), so that neither side gains from its allocator alone; with `system`,
+    none (the malloc `python` starts with)."""
+    if choice == "system":
+        return {}
+    env = restart_environment(os.environ, sys.platform, find_jemalloc()) or {}
+    return {k: v for k, v in env.items() if os.environ.get(k) != v}
+
+
+def run_side(name: str, cmd: list[str], out: Path, env: dict[str, str] | None = None) -> dict:
     t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
         raise PeerError(f"{name} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
@@ -136,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "--peer-arg=--compile=step; repeatable")
     p.add_argument("--lmjax", default=".venv/bin/lmjax", help="relative paths are from the repository root")
     p.add_argument("--python", default=".venv/bin/python")
+    p.add_argument("--peer-malloc", choices=("lmjax", "system"), default="lmjax",
+                   help="the peer's allocator: the one the lmjax command picks (default), or python's own")
     p.add_argument("--out", default=None)
     p.add_argument("--table", action="store_true", help="print the markdown table of experiments/bench/results/peer/*.json and exit")
     args = p.parse_args(argv)
@@ -155,7 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
         lmjax_json, peer_json = Path(tmp, "lmjax.json"), Path(tmp, "peer.json")
         lmjax_cmd = [args.lmjax, "bench", args.config, *overrides, *timing, "--out", str(lmjax_json)]
         peer_cmd = [args.python, str(PEER.relative_to(ROOT)), *peer_cli_args(cfg), *timing, *args.peer_arg, "--out", str(peer_json)]
-        print(f"lmjax: {' '.join(lmjax_cmd)}\npeer:  {' '.join(peer_cmd)}", flush=True)
+        peer_env = peer_malloc_environment(args.peer_malloc)
+        print(f"lmjax: {' '.join(lmjax_cmd)}\npeer:  {' '.join(f'{k}={v}' for k, v in peer_env.items())} {' '.join(peer_cmd)}",
+              flush=True)
         for i in range(args.pairs):
             order = ("lmjax", "peer") if i % 2 == 0 else ("peer", "lmjax")
             print(f"pair {i + 1}/{args.pairs} ({' then '.join(order)})", flush=True)
@@ -163,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
             for side in order:
                 path = lmjax_json if side == "lmjax" else peer_json
                 path.unlink(missing_ok=True)
-                results[side] = run_side(side, lmjax_cmd if side == "lmjax" else peer_cmd, path)
+                results[side] = (run_side(side, lmjax_cmd, path) if side == "lmjax" else
+                                 run_side(side, peer_cmd, path, peer_env))
             lmjax_config = results["lmjax"].get("config")
             lj, pr = results["lmjax"], results["peer"]
             if lj["params_total"] != pr["params_total"]:
@@ -203,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         **summary,
         "style": args.style, "seq_len": args.seq_len, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-        "lmjax_command": lmjax_cmd, "peer_command": peer_cmd,
+        "lmjax_command": lmjax_cmd, "peer_command": peer_cmd, "peer_malloc": args.peer_malloc, "peer_environment": peer_env,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "pairs": pairs,
         "lmjax_config": lmjax_config,

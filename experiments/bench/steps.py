@@ -17,9 +17,9 @@ from typing import Callable
 def lmjax_step(config: str, overrides: list[str], script: str, n_batches: int = 4) -> tuple[Callable[[int], None], Callable[[], None]]:
     """(run_step, close). `script` is the calling child's path: the huge-page restart re-executes it
     with the same arguments, so call this before anything imports jax."""
-    from lmjax.cli import restart_with_hugepage_malloc, set_cpu_xla_defaults
+    from lmjax.cli import restart_with_tuned_malloc, set_cpu_xla_defaults
 
-    restart_with_hugepage_malloc(sys.argv[1:], program=[os.path.abspath(script)])
+    restart_with_tuned_malloc(sys.argv[1:], program=[os.path.abspath(script)])
     set_cpu_xla_defaults()
     import jax
 
