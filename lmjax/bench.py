@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 import lmjax
-from lmjax import flops, sharding
+from lmjax import flops, host_memory, sharding
 from lmjax.config import Config, to_dict
 from lmjax.errors import UserError
 from lmjax.models import cpu_matmul
@@ -132,6 +132,7 @@ def run_bench(
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "matmul": matmul,
+        "malloc": host_memory.allocator(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "mesh": dict(mesh.shape),
         "jax_version": jax.__version__,
@@ -141,7 +142,7 @@ def run_bench(
     print(
         f"{result['device']} | step {step_time * 1e3:.1f} ms (p10 {result['step_time_p10_s'] * 1e3:.1f}, "
         f"p90 {result['step_time_p90_s'] * 1e3:.1f}) | {tokens_per_sec:,.0f} tokens/s | "
-        f"{result['tflops_per_sec']:.3f} TFLOP/s | matmuls {matmul.upper()} | MFU {result['mfu']:.1%} of {peak / 1e12:.2f} TFLOP/s ({peak_source}) | "
+        f"{result['tflops_per_sec']:.3f} TFLOP/s | matmuls {matmul.upper()} | malloc {result['malloc'].split()[0]} | MFU {result['mfu']:.1%} of {peak / 1e12:.2f} TFLOP/s ({peak_source}) | "
         f"compile {compile_time:.1f}s | first step after {time_to_first_step:.1f}s | "
         f"peak memory {memory / 2**20:,.0f} MiB ({memory_source}) | "
         f"input pipeline {data_batches_per_sec:,.0f} batches/s = {result['data_headroom']:,.0f}x the step rate"

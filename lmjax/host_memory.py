@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 from typing import Mapping
 
@@ -85,6 +86,19 @@ def _allocator_calls():
 def jemalloc_in_use() -> bool:
     """Whether jemalloc serves this process's malloc (preloaded by the `lmjax` command)."""
     return _allocator_calls()[0] is not None
+
+
+def allocator() -> str:
+    """Which malloc serves this process and how it is set, for benchmark records: e.g.
+    `jemalloc (MALLOC_CONF=...)`, `glibc (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)`, `glibc`."""
+    if jemalloc_in_use():
+        name, variable = "jemalloc", "MALLOC_CONF"
+    elif _allocator_calls()[1] is not None:
+        name, variable = "glibc", "GLIBC_TUNABLES"
+    else:
+        return "system"
+    setting = os.environ.get(variable)
+    return f"{name} ({variable}={setting})" if setting else name
 
 
 def release_free_heap() -> bool:

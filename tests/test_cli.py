@@ -251,8 +251,9 @@ import os, sys
 from lmjax.cli import restart_with_tuned_malloc
 restart_with_tuned_malloc(sys.argv[1:], program=[os.path.abspath(__file__)])
 import jax
-from lmjax.host_memory import jemalloc_in_use
+from lmjax.host_memory import allocator, jemalloc_in_use
 print(sys.argv[1:], os.environ.get("LD_PRELOAD"), jemalloc_in_use(), jax.config.values["jax_cpu_enable_async_dispatch"])
+print(allocator())
 """
 
 
@@ -264,10 +265,12 @@ def test_a_restart_under_jemalloc_runs_cpu_programs_inline(tmp_path):
     script = tmp_path / "restarted.py"
     script.write_text(RESTARTED)
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LMJAX_HUGEPAGE_MALLOC", "LD_PRELOAD", "MALLOC_CONF")}
-    for jemalloc, expected in (("", f"['a=1'] {host_memory.find_jemalloc()} True False"), ("off", "['a=1'] None False True")):
+    for jemalloc, expected, malloc in (("", f"['a=1'] {host_memory.find_jemalloc()} True False",
+                                        f"jemalloc (MALLOC_CONF={host_memory.JEMALLOC_CONF})"),
+                                       ("off", "['a=1'] None False True", "glibc (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)")):
         result = subprocess.run([sys.executable, str(script), "a=1"], env=dict(env, LMJAX_JEMALLOC=jemalloc),
                                 capture_output=True, text=True, timeout=120, check=True)
-        assert result.stdout.strip() == expected, result.stderr
+        assert result.stdout.splitlines() == [expected, malloc], result.stderr  # as `lmjax bench` records it
 
 
 def test_cpu_xla_defaults_choose_eigen_without_avx512_and_wide_vectors_with_it(monkeypatch):

@@ -41,7 +41,7 @@ PEER = Path(__file__).resolve().parent / "torch_reference.py"
 KEPT = ("tokens_per_sec", "step_time_s", "step_time_p10_s", "step_time_p90_s", "compile_time_s", "time_to_first_step_s",
         "peak_memory_bytes", "peak_memory_source", "params_total", "params_non_embedding", "tokens_per_step", "final_loss",
         "mfu", "tflops_per_sec", "model_flops_per_token", "peak_flops_per_device", "peak_flops_source", "device",
-        "optimizer", "threads", "torch_version", "jax_version", "xla_flags")
+        "optimizer", "threads", "torch_version", "jax_version", "xla_flags", "malloc")
 
 
 class PeerError(Exception):
