@@ -61,26 +61,34 @@ def restart_with_tuned_malloc(argv: list[str], program: list[str] | None = None)
     """Re-executes this command (same PID) with the malloc `lmjax.host_memory` chooses: jemalloc,
     keeping XLA:CPU's per-step temporaries mapped from one step to the next, where the system has
     it; else glibc's with transparent huge pages. The allocator is chosen when a process starts,
-    hence the restart, before anything is imported. Under jemalloc (the restarted process, or one
-    the user preloaded it into), single-device CPU programs run inline (jax's
-    `jax_cpu_enable_async_dispatch` off), so that one step's temporaries are freed before the next
-    step takes its own. Linux only; LMJAX_JEMALLOC=off keeps glibc,
+    hence the restart, before anything is imported (`dispatch_inline_under_jemalloc` then sets what
+    jemalloc needs of jax). Linux only; LMJAX_JEMALLOC=off keeps glibc,
     LMJAX_HUGEPAGE_MALLOC=off (or an allocator already chosen) skips the restart. `program` is what
     the interpreter runs, before `argv`: this module by default, or a script's path (a tool that
     must measure the step as `lmjax bench` runs it).
     """
-    from lmjax.host_memory import find_jemalloc, jemalloc_in_use, restart_environment
+    from lmjax.host_memory import find_jemalloc, restart_environment
 
     env = restart_environment(os.environ, sys.platform, find_jemalloc())
     if env is None:
-        if jemalloc_in_use():
-            import jax  # starts no backend: the option is read when the CPU backend starts
-
-            jax.config.update("jax_cpu_enable_async_dispatch", False)
         return
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *(program or ["-m", "lmjax.cli"]), *argv], env)
+
+
+def dispatch_inline_under_jemalloc() -> None:
+    """Under jemalloc (the restarted process, or one the user preloaded it into), single-device CPU
+    programs run inline (jax's `jax_cpu_enable_async_dispatch` off): XLA:CPU takes a step's
+    temporaries when the step is dispatched, so with asynchronous dispatch the next step's would be
+    taken while the last one's are still in use, and jemalloc, which keeps freed blocks, would keep
+    both. Call before the CPU backend starts (importing jax does not start it)."""
+    from lmjax.host_memory import jemalloc_in_use
+
+    if jemalloc_in_use():
+        import jax
+
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def _enable_compilation_cache() -> None:
@@ -369,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         set_cpu_xla_defaults()
+        dispatch_inline_under_jemalloc()
         _enable_compilation_cache()
         if args.func in (cmd_eval, cmd_bench, cmd_import_hf, cmd_export_hf):  # mesh commands (train: in cmd_train)
             distributed.initialize()

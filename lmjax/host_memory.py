@@ -9,7 +9,7 @@ experiments/bench/README.md, "Sixteenth round"). jemalloc, set to keep what is f
 (`JEMALLOC_CONF`), hands the same block back on the next step: no faults, no system time. With
 asynchronous dispatch the next step's block would be taken while the last one still runs, and both
 would stay resident, so under jemalloc the CLI also runs single-device CPU programs inline
-(jax's `jax_cpu_enable_async_dispatch` off, `lmjax.cli.restart_with_tuned_malloc`).
+(jax's `jax_cpu_enable_async_dispatch` off, `lmjax.cli.dispatch_inline_under_jemalloc`).
 
 The `lmjax` command restarts itself once (`restart_environment`): with jemalloc preloaded where
 the system has it (`apt-get install libjemalloc2`), else with glibc's transparent huge pages

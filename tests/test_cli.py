@@ -248,8 +248,9 @@ def test_the_restarted_command_keeps_its_arguments_and_exit_status(tmp_path):
 
 RESTARTED = """
 import os, sys
-from lmjax.cli import restart_with_tuned_malloc
+from lmjax.cli import dispatch_inline_under_jemalloc, restart_with_tuned_malloc
 restart_with_tuned_malloc(sys.argv[1:], program=[os.path.abspath(__file__)])
+dispatch_inline_under_jemalloc()  # as the command and the bench tools do
 import jax
 from lmjax.host_memory import allocator, jemalloc_in_use
 print(sys.argv[1:], os.environ.get("LD_PRELOAD"), jemalloc_in_use(), jax.config.values["jax_cpu_enable_async_dispatch"])
@@ -330,3 +331,18 @@ def test_cpu_devices_cannot_change_a_started_backend():
     use_cpu_devices(load_config("configs/dense_tiny.yaml", ["mesh.cpu_devices=8"]))
     with pytest.raises(ConfigError, match=r"mesh.cpu_devices=2, but JAX's CPU backend already started with 8 devices"):
         use_cpu_devices(load_config("configs/dense_tiny.yaml", ["mesh.cpu_devices=2"]))
+
+
+def test_dispatch_turns_inline_only_under_jemalloc(monkeypatch):
+    import jax
+
+    before = jax.config.values["jax_cpu_enable_async_dispatch"]
+    try:
+        monkeypatch.setattr(host_memory, "jemalloc_in_use", lambda: False)
+        cli.dispatch_inline_under_jemalloc()
+        assert jax.config.values["jax_cpu_enable_async_dispatch"] == before
+        monkeypatch.setattr(host_memory, "jemalloc_in_use", lambda: True)
+        cli.dispatch_inline_under_jemalloc()
+        assert jax.config.values["jax_cpu_enable_async_dispatch"] is False
+    finally:
+        jax.config.update("jax_cpu_enable_async_dispatch", before)

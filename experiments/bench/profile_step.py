@@ -26,13 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmjax.cli import _load, parse_with_overrides, restart_with_tuned_malloc, set_cpu_xla_defaults
+from lmjax.cli import _load, dispatch_inline_under_jemalloc, parse_with_overrides, restart_with_tuned_malloc, set_cpu_xla_defaults
 
 if __name__ == "__main__":
     # As the `lmjax` command does: without huge pages every step faults its temporaries in again, and
     # the profile would charge that to the copies and broadcasts that first touch them.
     restart_with_tuned_malloc(sys.argv[1:], program=[os.path.abspath(__file__)])
 set_cpu_xla_defaults()  # before jax starts: the same matmul backend as `lmjax bench`
+dispatch_inline_under_jemalloc()  # and the same dispatch
 
 import jax  # noqa: E402
 

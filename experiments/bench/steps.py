@@ -17,10 +17,11 @@ from typing import Callable
 def lmjax_step(config: str, overrides: list[str], script: str, n_batches: int = 4) -> tuple[Callable[[int], None], Callable[[], None]]:
     """(run_step, close). `script` is the calling child's path: the huge-page restart re-executes it
     with the same arguments, so call this before anything imports jax."""
-    from lmjax.cli import restart_with_tuned_malloc, set_cpu_xla_defaults
+    from lmjax.cli import dispatch_inline_under_jemalloc, restart_with_tuned_malloc, set_cpu_xla_defaults
 
     restart_with_tuned_malloc(sys.argv[1:], program=[os.path.abspath(script)])
     set_cpu_xla_defaults()
+    dispatch_inline_under_jemalloc()
     import jax
 
     from lmjax import sharding
