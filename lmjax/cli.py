@@ -69,7 +69,7 @@ def restart_with_tuned_malloc(argv: list[str], program: list[str] | None = None)
     """
     from lmjax.host_memory import find_jemalloc, restart_environment
 
-    env = restart_environment(os.environ, sys.platform, find_jemalloc())
+    env = restart_environment(os.environ, sys.platform, find_jemalloc)
     if env is None:
         return
     sys.stdout.flush()

@@ -31,7 +31,7 @@ import ctypes.util
 import functools
 import os
 import sys
-from typing import Mapping
+from typing import Callable, Mapping
 
 from lmjax.switches import switched_off
 
@@ -50,15 +50,19 @@ def find_jemalloc() -> str | None:
     return ctypes.util.find_library("jemalloc")
 
 
-def restart_environment(environ: Mapping[str, str], platform: str, jemalloc: str | None) -> dict[str, str] | None:
+def restart_environment(environ: Mapping[str, str], platform: str,
+                        find: Callable[[], str | None]) -> dict[str, str] | None:
     """The environment to re-execute the command with, or None to run it as it is: off Linux, when
     LMJAX_HUGEPAGE_MALLOC=off, and when the allocator is already chosen (a restarted process, or a
-    user who set LD_PRELOAD to jemalloc or glibc's hugetlb tunable). `jemalloc` is `find_jemalloc()`."""
+    user who set LD_PRELOAD to jemalloc or glibc's hugetlb tunable). `find` is `find_jemalloc`, called
+    only when a restart is due: the restarted process, every command's second start, skips the
+    library search (~30 ms where jemalloc is missing and ctypes falls back to the compiler)."""
     preload, tunables = environ.get("LD_PRELOAD", ""), environ.get("GLIBC_TUNABLES", "")
     if (not platform.startswith("linux") or switched_off("LMJAX_HUGEPAGE_MALLOC", environ)
             or "jemalloc" in preload or "glibc.malloc.hugetlb" in tunables):
         return None
-    if jemalloc and not switched_off("LMJAX_JEMALLOC", environ):
+    jemalloc = None if switched_off("LMJAX_JEMALLOC", environ) else find()
+    if jemalloc:
         # A MALLOC_CONF the user set is theirs to keep (jemalloc reads it; glibc ignores it).
         return {**environ, "LD_PRELOAD": " ".join(filter(None, (jemalloc, preload))),
                 "MALLOC_CONF": environ.get("MALLOC_CONF") or JEMALLOC_CONF}

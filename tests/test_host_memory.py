@@ -49,19 +49,24 @@ def test_freed_heap_memory_leaves_the_process():
 
 def test_restart_environment_prefers_jemalloc_and_keeps_the_users_choices():
     conf, jemalloc = host_memory.JEMALLOC_CONF, "libjemalloc.so.2"
-    env = restart_environment({"LD_PRELOAD": "/x/libfoo.so", "PATH": "/bin"}, "linux", jemalloc)
+    found = lambda: jemalloc  # noqa: E731
+    env = restart_environment({"LD_PRELOAD": "/x/libfoo.so", "PATH": "/bin"}, "linux", found)
     assert env == {"LD_PRELOAD": "libjemalloc.so.2 /x/libfoo.so", "MALLOC_CONF": conf, "PATH": "/bin"}
-    assert restart_environment({"MALLOC_CONF": "narenas:2"}, "linux", jemalloc)["MALLOC_CONF"] == "narenas:2"
+    assert restart_environment({"MALLOC_CONF": "narenas:2"}, "linux", found)["MALLOC_CONF"] == "narenas:2"
     # Without jemalloc, or with it switched off: glibc's huge pages, after the user's own tunables.
-    for environ, found in (({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, None),
-                           ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "LMJAX_JEMALLOC": "off"}, jemalloc)):
-        env = restart_environment(environ, "linux", found)
+    for environ, library in (({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, None),
+                             ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "LMJAX_JEMALLOC": "off"}, jemalloc)):
+        env = restart_environment(environ, "linux", lambda: library)
         assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1" and "LD_PRELOAD" not in env
-    # Chosen already (a restarted process, a user's own), opted out, or not Linux: no restart.
+    # Chosen already (a restarted process, a user's own), opted out, or not Linux: no restart, and no
+    # search for the library either (every command's restarted process comes here).
+    def never():
+        raise AssertionError("searched for jemalloc where no restart is due")
+
     for environ, platform in (({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "linux"),
                               ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "linux"),
                               ({"LMJAX_HUGEPAGE_MALLOC": "OFF"}, "linux"), ({}, "darwin")):
-        assert restart_environment(environ, platform, jemalloc) is None
+        assert restart_environment(environ, platform, never) is None
 
 
 BLOCK_TWICE = """
@@ -98,7 +103,7 @@ def test_jemalloc_as_set_keeps_a_freed_block_for_the_next_step_and_releases_it_w
     script = tmp_path / "block_twice.py"
     script.write_text(BLOCK_TWICE)
     env = restart_environment({k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "LMJAX_JEMALLOC")},
-                              sys.platform, host_memory.find_jemalloc())
+                              sys.platform, host_memory.find_jemalloc)
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, check=True)
     in_use, first, second, released = result.stdout.split()
     assert in_use == "True"

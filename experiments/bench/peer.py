@@ -99,7 +99,7 @@ def peer_malloc_environment(choice: str) -> dict[str, str]:
     none (the malloc `python` starts with)."""
     if choice == "system":
         return {}
-    env = restart_environment(os.environ, sys.platform, find_jemalloc()) or {}
+    env = restart_environment(os.environ, sys.platform, find_jemalloc) or {}
     return {k: v for k, v in env.items() if os.environ.get(k) != v}
 
 
